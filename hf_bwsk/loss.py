@@ -1,0 +1,199 @@
+"""Fused linear cross-entropy: HF's causal-LM loss without ever holding the [tokens x vocab] logits.
+
+The output head of a small LM dominates the activation memory of training: at Pythia-70M's vocab
+(50,304) the fp32 logits alone take ~200 KB per token, more than all six decoder layers keep. The
+forward here walks the tokens in chunks; per chunk it computes the logits, the fp32 cross-entropy
+and, at once, the gradients w.r.t. that chunk of hidden states and the head weight (and bias). Backward
+then only scales those stored gradients, so nothing is recomputed and the peak holds one chunk of
+logits. The semantics are exactly ``transformers.loss.loss_utils.ForCausalLMLoss``: labels padded with
+``ignore_index`` then shifted left, logits upcast to fp32, mean over non-ignored tokens, or the sum
+divided by ``num_items_in_batch`` under gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BWSKError
+
+# Precomputed weight/bias gradients held for backward. They are the `.grad` backward would allocate
+# anyway, so memory accounting (hf_bwsk.memory) reports them apart from activations.
+# Keyed by id(): tensors compare element-wise, so they cannot live in a WeakSet.
+_WEIGHT_GRAD_BUFFERS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def live_weight_grad_buffers() -> list[torch.Tensor]:
+    """The head weight/bias gradients that fused losses computed in forward and still hold for backward."""
+    return list(_WEIGHT_GRAD_BUFFERS.values())
+
+
+def fused_linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    bias: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal-LM loss of ``F.linear(hidden_states, weight, bias)`` against ``labels``, chunk by chunk.
+
+    Equal to ``model(..., labels=labels).loss`` when ``hidden_states`` is the model's last hidden state
+    and ``weight``/``bias`` its output embedding, in value and in the gradients it produces.
+
+    Args:
+        hidden_states: ``[..., hidden]`` (e.g. ``[batch, seq, hidden]``); any layout.
+        weight: the output head, ``[vocab, hidden]`` (``model.get_output_embeddings().weight``).
+        labels: unshifted token ids shaped like ``hidden_states[..., 0]``; ``ignore_index`` marks
+            tokens without a loss. May be None when ``shift_labels`` is given.
+        bias: optional head bias, ``[vocab]``.
+        num_items_in_batch: when given, the loss is the sum over tokens divided by it (HF's gradient
+            accumulation convention); otherwise the mean over non-ignored tokens.
+        ignore_index: label value that contributes nothing.
+        chunk_size: tokens per chunk; the peak extra memory is a few ``chunk_size x vocab`` fp32 buffers.
+        shift_labels: already-shifted labels (as HF accepts), used instead of shifting ``labels``.
+
+    Returns:
+        A 0-dim fp32 tensor. With every token ignored it is nan (mean) like HF's, with zero gradients.
+        Its backward may run once (the stored gradients are handed over to autograd).
+    """
+    targets = _shifted_targets(hidden_states, labels, shift_labels, ignore_index)
+    if chunk_size < 1:
+        raise BWSKError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if weight.dim() != 2 or weight.shape[1] != hidden_states.shape[-1]:
+        raise BWSKError(
+            f"head weight {tuple(weight.shape)} does not match hidden size {hidden_states.shape[-1]}: "
+            "pass model.get_output_embeddings().weight ([vocab, hidden])"
+        )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden_states, weight, bias)
+    )
+    if not needs_grad:
+        loss, _ = _chunked_loss_and_grads(
+            hidden_states, weight, bias, targets, num_items_in_batch, ignore_index, chunk_size, (False,) * 3
+        )
+        return loss
+    return _FusedLinearCrossEntropy.apply(
+        hidden_states, weight, bias, targets, num_items_in_batch, ignore_index, chunk_size
+    )
+
+
+def _shifted_targets(hidden_states, labels, shift_labels, ignore_index):
+    """HF's target per position, flattened: labels padded with ignore_index and shifted left."""
+    if shift_labels is None:
+        if labels is None:
+            raise BWSKError("fused_linear_cross_entropy needs labels (or shift_labels)")
+        if labels.shape != hidden_states.shape[:-1]:
+            raise BWSKError(
+                f"labels {tuple(labels.shape)} must match hidden states {tuple(hidden_states.shape)} "
+                "without the hidden dimension"
+            )
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    elif shift_labels.numel() != hidden_states.numel() // hidden_states.shape[-1]:
+        raise BWSKError("shift_labels must hold one target per position of hidden_states")
+    return shift_labels.reshape(-1).to(hidden_states.device)
+
+
+def _compute_dtype(hidden_states, weight):
+    """The dtype F.linear would run the head in: the autocast dtype when autocast is on."""
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden_states.dtype, weight.dtype)
+
+
+def _chunked_loss_and_grads(hidden_states, weight, bias, targets, num_items_in_batch, ignore_index, chunk_size,
+                            needs_grad):
+    """Loss (and, where ``needs_grad`` says so, grads of hidden states, weight, bias) chunk by chunk."""
+    need_hidden, need_weight, need_bias = needs_grad
+    hidden_dim = hidden_states.shape[-1]
+    compute_dtype = _compute_dtype(hidden_states, weight)
+    flat_hidden = hidden_states.reshape(-1, hidden_dim)
+    head_weight = weight.to(compute_dtype)
+    head_bias = None if bias is None else bias.to(compute_dtype)
+
+    # Ignored positions (the shifted-out last token, padding) need no logits at all.
+    positions = (targets != ignore_index).nonzero().squeeze(1)
+    if num_items_in_batch is None:
+        denominator = positions.numel()
+    elif torch.is_tensor(num_items_in_batch):
+        denominator = num_items_in_batch.to(hidden_states.device)
+    else:
+        denominator = num_items_in_batch
+
+    # Accumulate low-precision weight gradients in fp32, as a single matmul over all tokens would.
+    accumulate_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    grad_hidden = (
+        torch.zeros(flat_hidden.shape, dtype=hidden_states.dtype, device=hidden_states.device) if need_hidden else None
+    )
+    grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=accumulate_dtype, device=bias.device) if need_bias else None
+
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden_states.device)
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        for start in range(0, positions.numel(), chunk_size):
+            rows = positions[start:start + chunk_size]
+            chunk_hidden = flat_hidden.index_select(0, rows).to(compute_dtype)
+            chunk_targets = targets.index_select(0, rows)
+            logits = F.linear(chunk_hidden, head_weight, head_bias).float()
+            log_normaliser = torch.logsumexp(logits, dim=-1)
+            loss_sum += (log_normaliser - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            if not any(needs_grad):
+                continue
+            # d(loss)/d(logits) = (softmax - one_hot(target)) / denominator, built in place in `logits`.
+            grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
+            grad_logits[torch.arange(rows.numel(), device=rows.device), chunk_targets] -= 1
+            grad_logits = grad_logits.div_(denominator).to(compute_dtype)
+            if need_hidden:
+                grad_hidden.index_copy_(0, rows, (grad_logits @ head_weight).to(grad_hidden.dtype))
+            if need_weight:
+                if grad_logits.dtype == accumulate_dtype:
+                    grad_weight.addmm_(grad_logits.t(), chunk_hidden)
+                else:
+                    grad_weight += grad_logits.t() @ chunk_hidden
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+    loss = loss_sum / denominator
+    grads = (
+        None if grad_hidden is None else grad_hidden.view(hidden_states.shape),
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
+    return loss, grads
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes loss and gradients together; backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, weight, bias, targets, num_items_in_batch, ignore_index, chunk_size):
+        loss, grads = _chunked_loss_and_grads(
+            hidden_states, weight, bias, targets, num_items_in_batch, ignore_index, chunk_size,
+            ctx.needs_input_grad[:3],
+        )
+        for parameter_grad in grads[1:]:
+            if parameter_grad is not None:
+                _WEIGHT_GRAD_BUFFERS[id(parameter_grad)] = parameter_grad
+        ctx.grads = grads
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_cross_entropy: backward ran twice; its gradients were computed in forward and "
+                "handed over on the first backward: recompute the loss for another backward"
+            )
+        # Hand the buffers over (drop our reference) so autograd can adopt them as `.grad` without a copy.
+        grads, ctx.grads = ctx.grads, None
+        for parameter_grad in grads[1:]:
+            if parameter_grad is not None:
+                del _WEIGHT_GRAD_BUFFERS[id(parameter_grad)]
+        if not torch.equal(grad_output, torch.ones_like(grad_output)):
+            grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
+        return *grads, None, None, None, None
