@@ -153,7 +153,8 @@ def _chunked_loss_and_grads(hidden_states, weight, bias, targets, num_items_in_b
                 grad_hidden.index_copy_(0, rows, (grad_logits @ head_weight).to(grad_hidden.dtype))
             if need_weight:
                 if grad_logits.dtype == accumulate_dtype:
-                    grad_weight.addmm_(grad_logits.t(), chunk_hidden)
+                    # The out= form, not addmm_: FLOP counters (torch.utils.flop_counter) skip addmm_.
+                    torch.addmm(grad_weight, grad_logits.t(), chunk_hidden, out=grad_weight)
                 else:
                     grad_weight += grad_logits.t() @ chunk_hidden
             if need_bias:
