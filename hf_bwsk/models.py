@@ -109,29 +109,31 @@ def _from_hub(hub_id: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(hub_id)
     except OSError as error:
-        cause = _root_cause(error)
+        causes = _cause_chain(error)
         # LocalEntryNotFoundError subclasses EntryNotFoundError: test it first.
-        if isinstance(cause, LocalEntryNotFoundError):
+        if any(isinstance(cause, LocalEntryNotFoundError) for cause in causes):
             raise BWSKError(
                 f"could not reach the Hugging Face Hub for '{hub_id}'; "
                 f"a built-in name ({_known_names()}) or a local directory works offline"
             ) from error
-        if isinstance(cause, RepositoryNotFoundError):
+        if any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
             raise BWSKError(
                 f"no model '{hub_id}' on the Hugging Face Hub; check the id, or log in "
                 "(`hf auth login`) if it is private or gated"
             ) from error
-        if isinstance(cause, EntryNotFoundError):
+        if any(isinstance(cause, EntryNotFoundError) for cause in causes):
             raise BWSKError(
                 f"the Hub repository '{hub_id}' has no config.json; pass a transformers model repository"
             ) from error
         raise
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
+def _cause_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from, outermost first."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    return chain
 
 
 def _known_names() -> str:

@@ -1,6 +1,9 @@
 """Built-in configurations and `load_config`'s resolution of names, directories and Hub ids."""
 
 import json
+import os
+import subprocess
+import sys
 
 import huggingface_hub.constants
 import pytest
@@ -9,6 +12,9 @@ from transformers import AutoModelForCausalLM, T5Config
 
 from hf_bwsk.errors import BWSKError
 from hf_bwsk.models import BUILTIN_MODELS, check_causal_lm, load_config
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from hub_server import HubServer
 from tiny_models import tiny_config
 
 # Parameter counts of the published checkpoints (Hub model pages / DESIGN.md §3).
@@ -119,3 +125,31 @@ def test_unreachable_hub_says_what_works_offline(monkeypatch):
     message = _error("hf-bwsk-tests/no-such-model")
     assert message.startswith("could not reach the Hugging Face Hub for 'hf-bwsk-tests/no-such-model'")
     assert "pythia-70m" in message and "local directory works offline" in message
+
+
+@pytest.mark.slow
+def test_hub_id_loads_the_config_only_and_a_missing_repo_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # the test Hub speaks LFS only
+    tiny_config("gpt_neox").save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights that must not be downloaded")
+    with HubServer({"token": "owner"}) as hub:
+        api = HfApi(endpoint=hub.endpoint, token="token")
+        api.create_repo("owner/tiny-neox")
+        files = [CommitOperationAdd(path.name, str(path)) for path in (tmp_path / "model").iterdir()]
+        api.create_commit("owner/tiny-neox", files, commit_message="tiny model")
+        # HF_ENDPOINT is read when huggingface_hub is imported: load in a fresh interpreter.
+        code = (
+            "from hf_bwsk.models import load_config\n"
+            "print(load_config('owner/tiny-neox').to_json_string())\n"
+            "try:\n    load_config('owner/missing')\nexcept Exception as error:\n    print(repr(error))"
+        )
+        environment = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home"),
+                       "HF_HUB_DISABLE_XET": "1"}
+        result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+                                timeout=120)
+    assert result.returncode == 0, result.stderr
+    config_json, error = result.stdout.rsplit("}", 1)
+    assert json.loads(config_json + "}")["hidden_size"] == tiny_config("gpt_neox").hidden_size
+    assert error.strip().startswith("BWSKError(\"no model 'owner/missing' on the Hugging Face Hub")
+    cached = sorted(path.name for path in (tmp_path / "hf-home").rglob("*") if path.is_file())
+    assert "config.json" in cached and "model.safetensors" not in cached, cached

@@ -1,0 +1,180 @@
+"""The ``hf-bwsk`` console script.
+
+Each subcommand is one function decorated with ``@subcommand(name, help, *arguments)`` and listed in
+``SUBCOMMANDS``. Bad input raises ``BWSKError``; the script prints it as one line,
+``hf-bwsk: error: <message>``, and exits with code 2 (argparse usage errors too). ``--debug`` adds
+the traceback.
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BWSKError
+from .models import BUILTIN_MODELS, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A subcommand: its name, one-line help, argparse arguments and the function that runs it."""
+
+    name: str
+    help: str
+    arguments: tuple[tuple[tuple[str, ...], dict], ...]
+    run: Callable[[argparse.Namespace], None]
+
+
+def argument(*flags: str, **options) -> tuple[tuple[str, ...], dict]:
+    """The arguments of one ``ArgumentParser.add_argument`` call, for ``@subcommand``."""
+    return flags, options
+
+
+def subcommand(name: str, help: str, *arguments: tuple[tuple[str, ...], dict]):
+    """Turn ``run(args)`` into a ``Subcommand`` that ``build_parser`` can register."""
+
+    def declare(run: Callable[[argparse.Namespace], None]) -> Subcommand:
+        return Subcommand(name, help, arguments, run)
+
+    return declare
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
+    return value
+
+
+@subcommand(
+    "analyze",
+    "classify every aten op of a forward pass as S/K/Gray and list the CALM sync points",
+    argument(
+        "model",
+        metavar="NAME_OR_DIR",
+        help=f"a built-in name ({', '.join(BUILTIN_MODELS)}), a local model directory, "
+        "or a Hub id 'owner/name' (config only, no weights are downloaded)",
+    ),
+    argument("--seq-len", type=positive_int, default=128, help="tokens per sequence of the traced forward"),
+    argument("--batch-size", type=positive_int, default=2, help="sequences in the traced batch"),
+    argument(
+        "--granularity",
+        choices=("op", "module"),
+        default="op",
+        help="'op': op-level table, module view and CALM table; "
+        "'module': the published cards' leaf-module view only",
+    ),
+    argument("--json", type=Path, metavar="PATH", help="also save the report as JSON"),
+    argument("--plot", type=Path, metavar="PATH", help="also save a PNG map of the layers (needs matplotlib)"),
+)
+def analyze(args: argparse.Namespace) -> None:
+    _check_outputs(args)
+    config = load_config(args.model)
+
+    from .analysis import analyze as analyze_forward
+    from .analysis import calm_report
+
+    report = analyze_forward(config, seq_len=args.seq_len, batch_size=args.batch_size, granularity=args.granularity)
+    if args.granularity == "op":
+        print(report.to_table())
+        print()
+        print(report.module_view.to_table())
+        print()
+        print(calm_report(report).to_table())
+    else:
+        print(report.module_view.to_table())
+    if args.json:
+        report.save_json(args.json)
+        print(f"\nreport saved to {args.json}")
+    if args.plot:
+        report.plot(args.plot)
+        print(f"layer map saved to {args.plot}")
+
+
+@subcommand("env", "print library versions and the device, for bug reports")
+def env(args: argparse.Namespace) -> None:
+    from .env import device_description, versions
+
+    for name, version in versions().items():
+        print(f"{name}: {version or 'not installed'}")
+    print(f"device: {device_description()}")
+
+
+SUBCOMMANDS = (analyze, env)
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the fix, exit code 2, like our own errors."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-bwsk`` parser with every subcommand of ``SUBCOMMANDS``."""
+    parser = _OneLineErrorParser(prog="hf-bwsk", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for command in SUBCOMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        for flags, options in command.arguments:
+            sub.add_argument(*flags, **options)
+        sub.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+        sub.set_defaults(command=command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``hf-bwsk`` with ``argv`` (default: the process arguments); return the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # usage errors (2) and --help (0)
+        return stop.code
+    try:
+        with contextlib.nullcontext() if args.debug else _quiet_library_logs():
+            args.command.run(args)
+    except BWSKError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"hf-bwsk: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail on unusable output paths before the analysis runs, not after."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and not path.parent.is_dir():
+            raise BWSKError(f"the directory of {flag} {path} does not exist; create it or pick another path")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise BWSKError("--plot needs matplotlib; install it with: pip install 'hf-bwsk[plot]'")
+
+
+@contextlib.contextmanager
+def _quiet_library_logs():
+    """Silence the HF libraries' warnings (e.g. Hub retry notices) that would break the one-line
+    error contract; restore their levels afterwards, since ``main`` also runs in-process."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = hub_logging.get_verbosity(), transformers_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
