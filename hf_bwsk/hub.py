@@ -1,0 +1,236 @@
+"""Publishing a run: the consolidated six-subfolder repo, assembled locally or pushed in one commit.
+
+Repo layout (what the card's usage and ``from_pretrained(repo, subfolder=...)`` rely on)::
+
+    README.md  results.json  plots/*.png
+    <experiment>-<mode>/  model.safetensors, config.json, generation_config.json (if any),
+                          tokenizer files, training_results.json
+
+Only safetensors weights travel; checkpoints and optimizer states (``checkpoints/``) never do.
+``push`` checks everything it can before the network (repo id, every variant, the token), then
+creates the repo and uploads all files in ONE ``create_commit``, so a failure leaves the remote
+as it was. The token is passed to huggingface_hub and never logged, written or put in a message.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cards import VARIANTS, card_files, load_run
+from .errors import BWSKError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+MODEL_FILES = ("config.json", "generation_config.json", "training_results.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+REQUIRED_FILES = ("config.json", "training_results.json", "tokenizer_config.json")
+DEFAULT_COMMIT_MESSAGE = "Upload BWSK run: 6 variants, card, results"
+
+
+@dataclass(frozen=True)
+class RepoFile:
+    """One file of the repo: its path in the repo and its content (a local file or bytes)."""
+
+    path_in_repo: str
+    source: Path | bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.source) if isinstance(self.source, bytes) else self.source.stat().st_size
+
+
+@dataclass
+class PushResult:
+    """What ``push`` sent (or, for a dry run, would send)."""
+
+    repo_id: str
+    revision: str
+    files: list[tuple[str, int]]
+    dry_run: bool
+    commit_url: str | None = None
+    commit_oid: str | None = None
+    private: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def to_table(self) -> str:
+        """The file list with sizes, one per line, and a total line."""
+        width = max(len(path) for path, _ in self.files)
+        lines = [f"{path:<{width}}  {size:>12,d} B" for path, size in self.files]
+        verb = "would push" if self.dry_run else "pushed"
+        lines.append(f"{len(self.files)} files, {self.total_bytes:,d} B: {verb} to {self.repo_id}@{self.revision}")
+        return "\n".join(lines)
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as weights:
+            weights.keys()
+    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+        raise BWSKError(f"{path} is not a readable safetensors file ({error}); re-save the variant") from error
+
+
+def variant_files(folder: str | Path) -> list[Path]:
+    """The files one variant folder publishes, after checking it is complete; refuses naming what is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BWSKError(f"variant {folder.name} is missing ({folder}); train it before publishing")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise BWSKError(f"variant {folder.name} is incomplete: {', '.join(missing)} missing in {folder}")
+    if (folder / WEIGHTS_INDEX).is_file():
+        shards = sorted(set(json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        weights = [folder / WEIGHTS_INDEX] + [folder / shard for shard in shards]
+        absent = [path.name for path in weights if not path.is_file()]
+        if absent:
+            raise BWSKError(f"variant {folder.name} is incomplete: shards {', '.join(absent)} missing in {folder}")
+    elif (folder / WEIGHTS).is_file():
+        weights = [folder / WEIGHTS]
+    else:
+        raise BWSKError(
+            f"variant {folder.name} has no {WEIGHTS} in {folder}; save it with save_pretrained() "
+            "(safetensors is the only weight format published)"
+        )
+    for path in weights:
+        if path.suffix == ".safetensors":
+            _check_safetensors(path)
+    extras = [folder / name for name in MODEL_FILES + TOKENIZER_FILES if (folder / name).is_file()]
+    return sorted(weights + extras, key=lambda path: path.name)
+
+
+def check_run(run_dir: str | Path) -> dict[str, list[Path]]:
+    """Refuse a run directory with a missing, incomplete or mislabelled variant; return each variant's files."""
+    run_dir = Path(run_dir)
+    load_run(run_dir)
+    return {variant: variant_files(run_dir / variant) for variant in VARIANTS}
+
+
+def repo_files(run_dir: str | Path, *, repo_id: str | None = None, license: str = "mit") -> list[RepoFile]:
+    """Every file of the consolidated repo, checked and sorted by path; README and plots rendered in memory."""
+    run_dir = Path(run_dir)
+    variants = check_run(run_dir)
+    files = [RepoFile(path, content) for path, content in card_files(run_dir, repo_id=repo_id, license=license).items()]
+    files.append(RepoFile("results.json", run_dir / "results.json"))
+    for variant, paths in variants.items():
+        files.extend(RepoFile(f"{variant}/{path.name}", path) for path in paths)
+    return sorted(files, key=lambda f: f.path_in_repo)
+
+
+def assemble(run_dir: str | Path, dest: str | Path, *, repo_id: str | None = None, license: str = "mit") -> list[Path]:
+    """Write the consolidated repo folder for ``run_dir`` into ``dest`` (new or empty); return the files."""
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise BWSKError(f"{dest} is not empty; pass a new or empty folder to assemble into")
+    files = repo_files(run_dir, repo_id=repo_id, license=license)
+    written = []
+    for repo_file in files:
+        target = dest / repo_file.path_in_repo
+        target.parent.mkdir(parents=True, exist_ok=True)
+        content = repo_file.source if isinstance(repo_file.source, bytes) else repo_file.source.read_bytes()
+        target.write_bytes(content)
+        written.append(target)
+    logger.info("Assembled %d files into %s", len(written), dest)
+    return written
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a malformed repo id before any network call."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        first_line = str(error).splitlines()[0]
+        raise BWSKError(f"invalid repo id {repo_id!r}: {first_line} Use 'namespace/name'.") from None
+
+
+def _resolve_token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise BWSKError("no Hugging Face token: pass token=, set HF_TOKEN, or run `hf auth login`")
+    return token
+
+
+def _who(api, token: str) -> str:
+    """The account the token belongs to; a rejected token stops here, before any upload."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return api.whoami(token=token)["name"]
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "no answer"
+        if status == 401:
+            raise BWSKError(f"the Hugging Face token was rejected by {api.endpoint} (401); "
+                            "pass a valid token with write access") from None
+        raise BWSKError(f"could not check the token at {api.endpoint} (HTTP {status}); retry later") from None
+
+
+def _remote_step(step: str, call, repo_id: str):
+    """Run one Hub call; an HTTP failure becomes a one-line error naming the step (token-free)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return call()
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "no answer"
+        server_says = (error.server_message or str(error)).strip().splitlines()[0]
+        raise BWSKError(f"push to {repo_id} failed during {step} (HTTP {status}: {server_says}); "
+                        "nothing was committed, run the push again") from None
+    except RuntimeError as error:  # huggingface_hub wraps failed LFS uploads in RuntimeError
+        raise BWSKError(f"push to {repo_id} failed during {step} ({error}); "
+                        "nothing was committed, run the push again") from None
+
+
+def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str = DEFAULT_COMMIT_MESSAGE, token: str | None = None, dry_run: bool = False,
+         endpoint: str | None = None, license: str = "mit") -> PushResult:
+    """Publish a run directory as one Hub repo with six variant subfolders, in a single atomic commit.
+
+    ``repo_id`` is ``namespace/name`` (a bare name goes to the token's account). ``private`` applies
+    when the repo is created; an existing repo keeps its visibility. ``revision`` is a branch, created
+    from main if needed. ``dry_run`` checks and lists every file and its size without any network call.
+    ``endpoint`` defaults to ``HF_ENDPOINT`` / huggingface.co.
+    """
+    check_repo_id(repo_id)
+    revision = revision or "main"
+    if dry_run:
+        files = repo_files(run_dir, repo_id=repo_id, license=license)
+        return PushResult(repo_id, revision, [(f.path_in_repo, f.size) for f in files], dry_run=True, private=private)
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    check_run(run_dir)  # a bad run directory is refused before the network is touched
+    token = _resolve_token(token)
+    api = HfApi(endpoint=endpoint, token=token)
+    account = _who(api, token)
+    if "/" not in repo_id:
+        repo_id = f"{account}/{repo_id}"
+    files = repo_files(run_dir, repo_id=repo_id, license=license)
+    _remote_step("repo creation", lambda: api.create_repo(repo_id, private=private, exist_ok=True), repo_id)
+    if revision != "main":
+        _remote_step(f"branch creation ({revision})",
+                     lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), repo_id)
+    operations = [
+        CommitOperationAdd(f.path_in_repo, f.source if isinstance(f.source, bytes) else str(f.source)) for f in files
+    ]
+    logger.info("Pushing %d files to %s@%s in one commit", len(operations), repo_id, revision)
+    commit = _remote_step(
+        "the upload and commit",
+        lambda: api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision),
+        repo_id,
+    )
+    return PushResult(repo_id, revision, [(f.path_in_repo, f.size) for f in files], dry_run=False,
+                      commit_url=commit.commit_url, commit_oid=commit.oid, private=private)
