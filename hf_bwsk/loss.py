@@ -145,10 +145,12 @@ def _chunked_loss_and_grads(hidden_states, weight, bias, targets, num_items_in_b
             loss_sum += (log_normaliser - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
             if not any(needs_grad):
                 continue
-            # d(loss)/d(logits) = (softmax - one_hot(target)) / denominator, built in place in `logits`.
+            # d(loss)/d(logits) = (softmax - one_hot(target)) / denominator, built in place in `logits`. The
+            # division waits until after the matmuls: (softmax - one_hot) lies in [-1, 1], while divided by the
+            # token count of a large batch its small entries would flush to zero in fp16.
             grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
             grad_logits[torch.arange(rows.numel(), device=rows.device), chunk_targets] -= 1
-            grad_logits = grad_logits.div_(denominator).to(compute_dtype)
+            grad_logits = grad_logits.to(compute_dtype)
             if need_hidden:
                 grad_hidden.index_copy_(0, rows, (grad_logits @ head_weight).to(grad_hidden.dtype))
             if need_weight:
@@ -160,6 +162,10 @@ def _chunked_loss_and_grads(hidden_states, weight, bias, targets, num_items_in_b
             if need_bias:
                 grad_bias += grad_logits.sum(0)
     loss = loss_sum / denominator
+    if positions.numel():  # with every token ignored the grads stay zero, as HF's
+        for grad in (grad_hidden, grad_weight, grad_bias):
+            if grad is not None:
+                grad.div_(denominator)
     grads = (
         None if grad_hidden is None else grad_hidden.view(hidden_states.shape),
         None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -195,6 +201,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for parameter_grad in grads[1:]:
             if parameter_grad is not None:
                 del _WEIGHT_GRAD_BUFFERS[id(parameter_grad)]
-        if not torch.equal(grad_output, torch.ones_like(grad_output)):
-            grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
+        # In place: the buffers are ours alone now, and a copy would add a weight-sized tensor at the
+        # moment of peak memory (start of backward) whenever grad_output != 1 (e.g. fp16 loss scaling).
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(grad_output.to(grad.dtype))
         return *grads, None, None, None, None
