@@ -110,7 +110,41 @@ def env(args: argparse.Namespace) -> None:
     print(f"device: {device_description()}")
 
 
-SUBCOMMANDS = (analyze, env)
+@subcommand(
+    "card",
+    "write README.md (model card) and its plots into a six-variant run directory",
+    argument("run_dir", type=Path, metavar="RUN_DIR", help="the output_dir of an experiment run"),
+    argument("--repo-id", metavar="ID", help="Hub repo id shown in the card's usage (default: a placeholder)"),
+)
+def card(args: argparse.Namespace) -> None:
+    from .cards import write_card
+
+    readme = write_card(args.run_dir, repo_id=args.repo_id)
+    print(f"card written to {readme} (plots in {readme.parent / 'plots'})")
+
+
+@subcommand(
+    "push",
+    "publish a six-variant run directory as one Hub repo, in one commit (token: HF_TOKEN or `hf auth login`)",
+    argument("run_dir", type=Path, metavar="RUN_DIR", help="the output_dir of an experiment run"),
+    argument("--repo-id", required=True, metavar="ID", help="'namespace/name' (a bare name goes to your account)"),
+    argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)"),
+    argument("--revision", metavar="BRANCH", help="branch to commit to, created from main if needed (default: main)"),
+    argument("--commit-message", metavar="TEXT", help="commit message"),
+    argument("--dry-run", action="store_true", help="check the run and list every file and its size; no network"),
+)
+def push(args: argparse.Namespace) -> None:
+    from .hub import DEFAULT_COMMIT_MESSAGE
+    from .hub import push as push_run
+
+    result = push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
+                      commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE, dry_run=args.dry_run)
+    print(result.to_table())
+    if result.commit_url:
+        print(f"commit: {result.commit_url}")
+
+
+SUBCOMMANDS = (analyze, env, card, push)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):

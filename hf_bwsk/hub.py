@@ -160,7 +160,7 @@ def _resolve_token(token: str | None) -> str:
 
     token = token or get_token()
     if not token:
-        raise BWSKError("no Hugging Face token: pass token=, set HF_TOKEN, or run `hf auth login`")
+        raise BWSKError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or pass token= to push)")
     return token
 
 
