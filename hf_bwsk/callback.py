@@ -1,0 +1,213 @@
+"""`BWSKCallback`: records what a training run cost and achieved, into `training_results.json`.
+
+Works with a plain `transformers.Trainer` as well as `BWSKTrainer` (which also hands it the S/K
+ratios and the reversible mode's status). Field names follow `docs/RESULTS_FORMAT.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .env import versions
+from .memory import LiveStorageTracker, MemoryMeasurement
+
+TRAINING_RESULTS = "training_results.json"
+_MB = 2**20
+
+
+def update_training_results(output_dir: str | os.PathLike, **fields: Any) -> dict:
+    """Merge `fields` into `output_dir/training_results.json` (e.g. the runner's test metric); returns it."""
+    path = Path(output_dir) / TRAINING_RESULTS
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record.update(fields)
+    _write_json(path, record)
+    return record
+
+
+def _write_json(path: Path, record: dict) -> None:
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
+def _precision(args) -> str:
+    return "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+
+
+def _device(args) -> str:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def _finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))
+
+
+class _FirstStepMemory:
+    """Bytes the first training forward keeps for backward (deterministic, any device).
+
+    Tracking starts in a forward pre-hook and is read when backward reaches the loss, i.e. after
+    the forward's outputs other than the loss were dropped and before backward frees anything.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.measurement: MemoryMeasurement | None = None
+        self._tracker: LiveStorageTracker | None = None
+        self._handles = [
+            model.register_forward_pre_hook(self._start),
+            model.register_forward_hook(self._stop),
+        ]
+
+    def _start(self, module, args):
+        if module.training and self._tracker is None and self.measurement is None:
+            self._tracker = LiveStorageTracker().start()
+
+    def _stop(self, module, args, output):
+        if self._tracker is None:
+            return
+        tracker, self._tracker = self._tracker, None
+        tracker.stop()
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if loss is not None and loss.requires_grad:
+            def measure(grad):
+                self.measurement = tracker.live_bytes()
+                self.remove()
+
+            loss.register_hook(measure)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class BWSKCallback(TrainerCallback):
+    """Writes `training_results.json` into `output_dir` at train end (main process only).
+
+    Records: peak memory (CUDA `max_memory_allocated`, reset at train begin; on CPU the bytes the
+    first step keeps for backward), tokens/s, wall time, epochs, loss and eval curves, NaN count,
+    seed, mode, precision, device, versions, hyperparameters and, with `BWSKTrainer`, the S/K/Gray
+    ratios and the reversible mode's status.
+    """
+
+    def __init__(self):
+        self.analysis: dict | None = None
+        self.reversible: dict | None = None
+
+    def set_analysis(self, summary: dict) -> None:
+        """The S/K report summary (`SKReport.summary()`) of the trained model."""
+        self.analysis = summary
+
+    def set_reversible(self, status: dict) -> None:
+        """The reversible mode's status (`ReversibleMode.status()`)."""
+        self.reversible = status
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._start = time.perf_counter()
+        self._tokens = 0
+        self._seq_len = None
+        self._cuda = torch.device(args.device).type == "cuda"
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(args.device)
+        self._memory = _FirstStepMemory(model)
+        self._token_hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+
+    def _count_tokens(self, module, args, kwargs):
+        if not module.training:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if not torch.is_tensor(input_ids):
+            return
+        self._seq_len = self._seq_len or int(input_ids.shape[-1])
+        mask = kwargs.get("attention_mask")
+        self._tokens += int(mask.sum()) if torch.is_tensor(mask) else input_ids.numel()
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        wall_time = time.perf_counter() - self._start
+        self._token_hook.remove()
+        self._memory.remove()
+        if not state.is_world_process_zero:
+            return
+        record = self.results(args, state, model, wall_time)
+        os.makedirs(args.output_dir, exist_ok=True)
+        _write_json(Path(args.output_dir) / TRAINING_RESULTS, record)
+
+    def results(self, args, state, model, wall_time: float) -> dict:
+        """The `training_results.json` record (schema: docs/RESULTS_FORMAT.md)."""
+        losses = [(log["step"], log["loss"]) for log in state.log_history if "loss" in log]
+        evals = [log for log in state.log_history if "eval_loss" in log]
+        val_curve = [
+            {"step": log["step"], "epoch": log.get("epoch"), "loss": log["eval_loss"],
+             "perplexity": math.exp(log["eval_loss"]) if log["eval_loss"] < 700 else math.inf}
+            for log in evals
+        ]
+        best = min((entry for entry in val_curve if _finite(entry["loss"])), key=lambda e: e["loss"], default=None)
+        train_loss = next((log["train_loss"] for log in reversed(state.log_history) if "train_loss" in log), None)
+        measured = self._memory.measurement
+        if self._cuda:
+            peak_mb, peak_kind = torch.cuda.max_memory_allocated(args.device) / _MB, "cuda_max_allocated"
+        else:
+            peak_kind = "cpu_bytes_kept_for_backward"
+            peak_mb = None if measured is None else measured.activation_bytes / _MB
+        world_tokens = self._tokens * max(args.world_size, 1)
+        config = getattr(model, "config", None)
+        ratios = (self.analysis or {}).get("ratios", {}).get("count")
+        return {
+            "model_slug": getattr(config, "name_or_path", None) or None,
+            "experiment": None,
+            "mode": getattr(args, "bwsk_mode", "conventional"),
+            "variant": None,
+            "final_train_loss": losses[-1][1] if losses else train_loss,
+            "best_val_metric": None if best is None else best["perplexity"],
+            "best_val_loss": None if best is None else best["loss"],
+            "test_metric": None,
+            "test_loss": None,
+            "metric_name": "perplexity",
+            "epochs_completed": state.epoch,
+            "total_steps": state.global_step,
+            "early_stopped": state.global_step < state.max_steps,
+            "wall_time_s": wall_time,
+            "tokens_per_s": world_tokens / wall_time if wall_time > 0 else None,
+            "peak_memory_mb": peak_mb,
+            "peak_memory_kind": peak_kind,
+            "bytes_kept_for_backward": None if measured is None else measured.to_dict(),
+            "loss_curve": [{"step": step, "loss": loss} for step, loss in losses],
+            "val_curve": val_curve,
+            "nan_count": sum(not _finite(loss) for _, loss in losses) + sum(not _finite(e["loss"]) for e in val_curve),
+            "seed": args.seed,
+            "device": _device(args),
+            "precision": _precision(args),
+            "s_ratio": None if ratios is None else ratios["S"],
+            "k_ratio": None if ratios is None else ratios["K"],
+            "gray_ratio": None if ratios is None else ratios["Gray"],
+            "analysis": self.analysis,
+            "reversible": self.reversible,
+            "versions": versions(),
+            "hyperparameters": self._hyperparameters(args),
+        }
+
+    def _hyperparameters(self, args) -> dict:
+        names = (
+            "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+            "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+            "adam_epsilon", "max_grad_norm", "optim", "fp16", "bf16", "world_size",
+            "bwsk_loss_chunk_size", "bwsk_memory_budget",
+        )
+        found = {name: getattr(args, name) for name in names if hasattr(args, name)}
+        found = {name: value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+                 for name, value in found.items()}
+        found["total_train_batch_size"] = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+        )
+        found["seq_len"] = self._seq_len
+        return found

@@ -1,0 +1,149 @@
+"""The reversible mode: exact gradients, far fewer bytes kept for backward, a clean model afterwards."""
+
+import warnings
+
+import pytest
+import torch
+from grad_compare import assert_grads_close, assert_tensors_close
+from tiny_models import ARCHS, tiny_batch, tiny_model
+from transformers import AutoModelForCausalLM, CohereConfig
+
+from hf_bwsk.analysis import analyze, find_decoder_layers
+from hf_bwsk.errors import BWSKError
+from hf_bwsk.layer_trace import LayerOp, OpKey
+from hf_bwsk.memory import bytes_kept_for_backward
+from hf_bwsk.recompute_plan import plan_recompute
+from hf_bwsk.reversible import ReversibleMode
+
+# Mamba's reference scan runs one op group per token on CPU: its cases take ~8 s each.
+ARCH_PARAMS = [pytest.param(arch, marks=pytest.mark.slow) if arch == "mamba" else arch for arch in ARCHS]
+
+
+def reversible(model, batch, **kwargs):
+    """`model` switched to the reversible mode, set up on `batch` (as BWSKTrainer does on step 1)."""
+    mode = ReversibleMode(model, report=analyze(model, seq_len=16, batch_size=1), find_layers=find_decoder_layers,
+                          loss_chunk_size=24, **kwargs)
+    mode.install_forward()
+    mode.setup(batch)
+    return mode
+
+
+def padded_batch(seq_len):
+    """Two rows, the second right-padded: masked positions and ignore_index labels."""
+    batch = tiny_batch(2, seq_len, seed=3)
+    batch["attention_mask"][1, -5:] = 0
+    batch["labels"][1, -5:] = -100
+    return batch
+
+
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
+def test_loss_and_every_gradient_equal_conventional(arch):
+    conventional, model = tiny_model(arch), tiny_model(arch)
+    conventional.train()
+    model.train()
+    batch = padded_batch(40)
+    mode = reversible(model, batch)
+    assert mode.status()["status"] == "active"
+    for num_items_in_batch in (None, 50):  # plain mean, then HF's gradient-accumulation sum / N
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        for m in (conventional, model):
+            m.zero_grad()
+        torch.manual_seed(7)  # same dropout masks on both sides (GPT-2 has dropout 0.1)
+        expected = conventional(**batch, **extra).loss
+        expected.backward()
+        torch.manual_seed(7)
+        output = model(**batch, **extra)
+        assert output.logits is None, "the fused loss must not materialise logits"
+        output.loss.backward()
+        assert_tensors_close(output.loss, expected, rtol=1e-5, atol=1e-6, name=f"{arch} loss")
+        assert_grads_close(model, conventional, rtol=1e-5, atol=1e-6)
+    mode.teardown()
+
+
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
+def test_bytes_kept_for_backward_at_most_035x(arch):
+    # Sequence 128: long enough that the per-layer intermediates (4h-wide MLP activations, T x T
+    # attention probabilities, the scan states) dominate, as they do at real scale, rather than
+    # the fixed costs both modes share (layer inputs, the attention mask).
+    batch = tiny_batch(2, 128, seed=1)
+    conventional, model = tiny_model(arch), tiny_model(arch)
+    conventional.train()
+    model.train()
+    mode = reversible(model, batch)
+    kept_conventional = bytes_kept_for_backward(lambda: conventional(**batch).loss).activation_bytes
+    kept_reversible = bytes_kept_for_backward(lambda: model(**batch).loss).activation_bytes
+    mode.teardown()
+    ratio = kept_reversible / kept_conventional
+    assert ratio <= 0.35, f"{arch}: reversible keeps {kept_reversible:,} of {kept_conventional:,} bytes ({ratio:.3f}x)"
+
+
+def test_plan_recomputes_the_widening_matmul_feeding_gelu_and_keeps_the_rest():
+    model = tiny_model("gpt_neox")
+    mode = reversible(model, tiny_batch(2, 64))
+    recomputed = {(key.path, key.op) for key in mode.plan.recompute}
+    kept = {(key.path, key.op) for key in mode.plan.keep}
+    mode.teardown()
+    assert ("mlp.dense_h_to_4h", "aten.addmm.default") in recomputed  # h -> 4h, feeds GELU (K)
+    assert ("attention", "aten.bmm.default") in recomputed  # T x T scores feed softmax (K)
+    for narrow in ("attention.query_key_value", "attention.dense", "mlp.dense_4h_to_h"):
+        assert (narrow, "aten.addmm.default") in kept
+
+
+def test_teardown_leaves_the_model_as_it_was():
+    model = tiny_model("llama")
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    keys_before = list(model.state_dict())
+    mode = reversible(model, tiny_batch(2, 16))
+    assert model.is_activation_checkpointing
+    mode.teardown()
+    assert "forward" not in model.__dict__
+    assert not model.is_activation_checkpointing
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+    assert list(model.state_dict()) == keys_before
+
+
+def _op(index, flops, output_bytes, widening=False):
+    return LayerOp(OpKey(0, f"m{index}", "aten.mm.default", 0), flops=flops, output_bytes=output_bytes,
+                   output_numel=output_bytes // 4, activation_input_numel=output_bytes // (8 if widening else 4),
+                   structural=False)
+
+
+def test_budget_keeps_most_flops_per_byte_and_states_the_minimum():
+    ops = [_op(0, flops=1000, output_bytes=100), _op(1, flops=100, output_bytes=100), _op(2, flops=900, output_bytes=50)]
+    plan = plan_recompute(ops, [40], kinds={}, budget_bytes=200)
+    # Densities: op2 18/B, op0 10/B, op1 1/B. 40 (inputs) + 50 + 100 fits 200; op1 does not.
+    assert {key.path for key in plan.keep} == {"m0", "m2"}
+    assert {key.path for key in plan.recompute} == {"m1"}
+    assert plan.kept_bytes == 190 and plan.minimum_bytes == 40
+    assert not plan.keeps(OpKey(0, "unseen", "aten.mm.default", 0), expensive=True)
+    with pytest.raises(BWSKError, match="below the minimum 40 bytes"):
+        plan_recompute(ops, [40], kinds={}, budget_bytes=39)
+
+
+def test_budget_below_minimum_fails_before_training():
+    model = tiny_model("gpt_neox")
+    with pytest.raises(BWSKError, match=r"minimum 16,384 bytes"):
+        reversible(model, tiny_batch(2, 32), memory_budget_bytes=1000)  # layer inputs: 2 x (2*32*32*4)
+
+
+def test_unsupported_model_falls_back_with_one_warning_and_exact_gradients():
+    # Cohere scales its logits: the fused loss on the plain head would be wrong, so the mode must not use it.
+    config = CohereConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, logit_scale=0.5)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    torch.manual_seed(0)
+    conventional = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    batch = tiny_batch(2, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mode = reversible(model, batch)
+    fallback_warnings = [w for w in caught if "Falling back" in str(w.message)]
+    assert len(fallback_warnings) == 1, [str(w.message) for w in caught]
+    status = mode.status()
+    assert status["status"] == "fallback" and "logit" in status["reason"]
+    assert model.is_activation_checkpointing
+    model(**batch).loss.backward()
+    conventional(**batch).loss.backward()
+    assert_grads_close(model, conventional, rtol=1e-5, atol=1e-6)
+    mode.teardown()
