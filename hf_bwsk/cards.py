@@ -160,6 +160,20 @@ def model_index(model_name: str, results: list) -> list[dict]:
     return [{"name": model_name, "results": entries}]
 
 
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` if it can be a Hub model id; ``None`` for a local path, which ``base_model`` must not hold."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not name or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
 def front_matter(*, license: str, base_model: str | None, arch_family: str | None, dataset: dict | None,
                  model_name: str, results: list) -> str:
     """The YAML block between ``---`` lines, dumped from data."""
@@ -169,7 +183,7 @@ def front_matter(*, license: str, base_model: str | None, arch_family: str | Non
     tags = list(PROJECT_TAGS[:2]) + ([arch_family] if arch_family else []) + list(PROJECT_TAGS[2:])
     on_hub = dataset is not None and dataset.get("source") == "hub"
     metadata = ModelCardData(
-        license=license, base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
+        license=license, base_model=hub_model_id(base_model), library_name="transformers", pipeline_tag="text-generation",
         tags=tags, datasets=[dataset["name"]] if on_hub else None, metrics=["perplexity"],
     ).to_dict()
     present = [result for result in results if result is not None]
@@ -314,7 +328,8 @@ def dataset_label(dataset: dict) -> str:
 def analysis_shape(analysis: dict | None) -> str:
     if not analysis or analysis.get("batch_size") is None or analysis.get("seq_len") is None:
         return NOT_MEASURED
-    return f"batch {analysis['batch_size']} x sequence {analysis['seq_len']}"
+    traced = f", traced on {analysis['device']} in {analysis['dtype']}" if analysis.get("device") else ""
+    return f"batch {analysis['batch_size']} x sequence {analysis['seq_len']}{traced}"
 
 
 def variant_structure(run: Run) -> list[str]:
@@ -363,16 +378,19 @@ def write_card(run_dir: str | Path, *, repo_id: str | None = None, license: str 
 
 
 def render_variant_card(output_dir: str | Path, *, repo_id: str | None = None, base_model: str | None = None,
-                        dataset: dict | None = None, license: str = "mit") -> str:
+                        dataset: dict | str | None = None, license: str = "mit") -> str:
     """The README.md of one trained variant (one ``training_results.json``), for ``push_to_hub()``.
 
-    ``dataset`` is the runner's dataset description (``{"source", "name", "config_name"}``); without it
-    (and without a ``dataset`` field in the results) the card carries no model-index, since a result
-    needs the data it was measured on.
+    ``dataset`` is the runner's dataset description (``{"source", "name", "config_name"}``) or a Hub
+    dataset id; without it (and without a ``dataset`` field in the results) the card carries no
+    model-index, since a result needs the data it was measured on. A ``base_model`` that is a local
+    path is named in the text but kept out of the metadata (the Hub expects a model id there).
     """
     output_dir = Path(output_dir)
     record = read_json(output_dir / "training_results.json", "train with BWSKTrainer (its callback writes it)")
     dataset = dataset or record.get("dataset")
+    if isinstance(dataset, str):
+        dataset = {"source": "hub", "name": dataset}
     experiment, mode = record.get("experiment"), record.get("mode", "conventional")
     head = front_matter(
         license=license, base_model=base_model, arch_family=None, dataset=dataset,

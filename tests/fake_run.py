@@ -97,14 +97,17 @@ def training_results(experiment, mode, *, seed, device, precision, index):
 def analysis_summary():
     """The S/K report summary the runner stores in results.json (``SKReport.summary()``)."""
     return {
+        "granularity": "op",
         "ratios": {
             "count": {"S": 0.55, "K": 0.3, "Gray": 0.15},
             "bytes": {"S": 0.5, "K": 0.35, "Gray": 0.15},
             "flops": {"S": 0.62, "K": 0.08, "Gray": 0.3},
         },
-        "module_view": {"S": 0.678, "K": 0.322, "Gray": 0.0},
         "op_counts": {"S": 110, "K": 60, "Gray": 30},
-        "seq_len": 16, "batch_size": 2,
+        "auxiliary_ops": 41, "skipped_identities": 16, "unclassified": [],
+        "module_view": {"S": 0.678, "K": 0.322, "Gray": 0.0},
+        "module_view_counts": {"S": 40, "K": 19, "Gray": 0},
+        "seq_len": 16, "batch_size": 2, "device": "meta", "dtype": "float32",
     }
 
 

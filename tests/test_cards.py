@@ -145,6 +145,11 @@ def test_variant_card_carries_its_one_result(run_dir):
     path.write_text(render_variant_card(folder))  # no dataset known: no result can be claimed
     assert ModelCard.load(path).data.eval_results is None
 
+    path.write_text(render_variant_card(folder, base_model=str(run_dir), dataset="wikitext"))
+    card = ModelCard.load(path)
+    assert card.data.base_model is None  # a local path is no Hub model id
+    assert [(r.dataset_type, r.metric_value) for r in card.data.eval_results] == [("wikitext", record["test_metric"])]
+
 
 def test_importing_the_package_stays_light():
     code = ("import sys, hf_bwsk, hf_bwsk.cards, hf_bwsk.hub, hf_bwsk.plots; "

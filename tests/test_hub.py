@@ -190,3 +190,34 @@ def test_private_push_to_a_branch(run_dir, hf_home, hub):
         hf_hub_download("tester/bwsk-private", "results.json", revision="v1", token=False)
     path = hf_hub_download("tester/bwsk-private", "results.json", revision="v1", token=TOKEN)
     assert open(path, "rb").read() == (run_dir / "results.json").read_bytes()
+
+
+def hub_request(hub, method, path, body=b"", headers=None):
+    """A raw request to the test Hub: (status, JSON answer)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(hub.endpoint + path, data=body or None, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_test_hub_is_strict_about_auth_and_lfs_objects(hub):
+    status, _ = hub_request(hub, "POST", "/api/repos/create", json.dumps({"name": "strict"}).encode())
+    assert status == 401  # no Authorization header
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, _ = hub_request(hub, "POST", "/api/repos/create", json.dumps({"name": "strict"}).encode(), auth)
+    assert status == 200
+    never_uploaded = {"path": "model.safetensors", "algo": "sha256", "oid": "ab" * 32, "size": 10}
+    ndjson = b"".join(json.dumps(line).encode() + b"\n" for line in [
+        {"key": "header", "value": {"summary": "sneak a pointer in"}},
+        {"key": "file", "value": {"path": "notes.txt", "content": "aGk=", "encoding": "base64"}},
+        {"key": "lfsFile", "value": never_uploaded},
+    ])
+    status, answer = hub_request(hub, "POST", "/api/models/tester/strict/commit/main", ndjson,
+                                 {**auth, "Content-Type": "application/x-ndjson"})
+    assert status == 422 and "never uploaded" in answer["error"]
+    assert sorted(hub.files("tester/strict")) == [".gitattributes"]  # the whole commit was refused
