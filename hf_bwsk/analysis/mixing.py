@@ -1,0 +1,148 @@
+"""Which axes an op mixes: the dims along which one output element depends on input elements at
+other positions (reductions, contractions, normalisation, softmax, convolution, attention).
+
+Position-moving ops (select, slice, cat, stack) count along the sequence axis only: there they shift
+or step through positions (a scan reads one step at a time), which under context parallelism moves
+data between shards. Along features, such relayouts (splitting q/k/v, rotary halves) stay local in
+the usual tensor-parallel layouts, and nothing moves rows between batch entries.
+
+`AxisSizes.axes_of(size)` tells which axes a dim of that size carries (see `axes.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .axes import SEQUENCE, AxisSizes
+from .rules import OpCall
+
+Mixing = Callable[[OpCall, AxisSizes], frozenset]
+MIXING: dict[str, Mixing] = {}
+NONE = frozenset()
+
+
+def _register(names: str):
+    def register(function: Mixing) -> Mixing:
+        for name in names.split():
+            MIXING[name] = function
+        return function
+
+    return register
+
+
+def mixed_axes(call: OpCall, axes: AxisSizes) -> frozenset:
+    """The axes among batch / sequence / hidden that this call mixes (empty for element-wise ops)."""
+    found = MIXING.get(call.name)
+    return found(call, axes) if found is not None else NONE
+
+
+def _dims(source: torch.Tensor, dims) -> list[int]:
+    """Normalised reduction dims; None or [] mean all of them."""
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(source.dim()))
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return [dim % max(source.dim(), 1) for dim in dims]
+
+
+def _axes_of_dims(source: torch.Tensor, dims, axes: AxisSizes) -> frozenset:
+    found = set()
+    for dim in _dims(source, dims):
+        if source.dim():
+            found |= axes.axes_of(source.shape[dim])
+    return frozenset(found)
+
+
+@_register("sum mean amax amin max min argmax argmin var var_mean std std_mean prod norm linalg_vector_norm "
+           "logsumexp any all count_nonzero topk median mode kthvalue cumsum sort")
+def _reduction(call, axes):
+    source = call.args[0]
+    dims = call.arg(1, "dim")
+    if call.name in ("max", "min") and isinstance(dims, torch.Tensor):
+        return NONE  # max.other / min.other: element-wise
+    if call.name == "linalg_vector_norm":
+        dims = call.arg(2, "dim")
+    return _axes_of_dims(source, dims, axes)
+
+
+@_register("_softmax _safe_softmax _log_softmax")
+def _softmax(call, axes):
+    return _axes_of_dims(call.args[0], call.args[1], axes)
+
+
+@_register("native_layer_norm rms_norm _fused_rms_norm")
+def _norm(call, axes):
+    source = call.args[0]
+    count = len(call.args[1])
+    return _axes_of_dims(source, list(range(source.dim() - count, source.dim())), axes)
+
+
+def _contraction(call, axes, left, right):
+    """Contracted dim; and, for a product of two activations, any axis carried by the free dims of
+    both (q @ k^T pairs every query position with every key position)."""
+    found = set(axes.axes_of(left.shape[-1]))
+    if call.is_activation(left) and call.is_activation(right) and left.dim() >= 2 and right.dim() >= 2:
+        found |= axes.axes_of(left.shape[-2]) & axes.axes_of(right.shape[-1])
+    return frozenset(found)
+
+
+_register("mm bmm matmul")(lambda call, axes: _contraction(call, axes, call.args[0], call.args[1]))
+_register("addmm baddbmm")(lambda call, axes: _contraction(call, axes, call.args[1], call.args[2]))
+
+
+@_register("_scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_flash_attention "
+           "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention "
+           "_scaled_dot_product_fused_attention_overrideable _scaled_dot_product_attention_math "
+           "_flash_attention_forward _efficient_attention_forward")
+def _attention(call, axes):
+    query, key = call.args[0], call.args[1]
+    return axes.axes_of(query.shape[-1]) | axes.axes_of(key.shape[-2])
+
+
+@_register("convolution _convolution")
+def _convolution(call, axes):
+    source, weight = call.args[0], call.args[1]
+    found = set()
+    for position, kernel in enumerate(weight.shape[2:], start=2):
+        if kernel > 1:
+            found |= axes.axes_of(source.shape[position])
+    if weight.shape[1] > 1:  # each output channel reads several input channels
+        found |= axes.axes_of(source.shape[1])
+    return frozenset(found)
+
+
+@_register("nll_loss_forward nll_loss2d_forward")
+def _nll_loss(call, axes):
+    scores = call.args[0]
+    found = set(axes.axes_of(scores.shape[-1])) if scores.dim() else set()
+    if call.args[3] != 0 and scores.dim() > 1:  # reduction mean/sum over the token rows
+        found |= axes.axes_of(scores.shape[0])
+    return frozenset(found)
+
+
+@_register("mse_loss l1_loss smooth_l1_loss huber_loss binary_cross_entropy binary_cross_entropy_with_logits kl_div")
+def _loss(call, axes):
+    return _axes_of_dims(call.args[0], None, axes)
+
+
+def _along_sequence(size: int, axes: AxisSizes) -> frozenset:
+    return frozenset({SEQUENCE}) if SEQUENCE in axes.axes_of(size) else NONE
+
+
+@_register("select slice")
+def _position_read(call, axes):
+    source = call.args[0]
+    dim = call.arg(1, "dim", 0) % source.dim()
+    return _along_sequence(source.shape[dim], axes)
+
+
+@_register("cat")
+def _cat(call, axes):
+    out = call.out
+    return _along_sequence(out.shape[call.arg(1, "dim", 0) % out.dim()], axes)
+
+
+@_register("stack")
+def _stack(call, axes):
+    return _along_sequence(len(call.args[0]), axes)

@@ -1,0 +1,51 @@
+"""One traced aten op and its classification."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class OpRecord:
+    """One aten op of a traced forward.
+
+    ``module_path`` is the innermost module running it ("" for the top-level model, e.g. the
+    loss); ``layer`` is its index in the decoder-layer list and ``path_in_layer`` the module path
+    relative to that layer ("" for the layer itself), both None outside the layers.
+    ``output_bytes`` counts newly allocated outputs only (views and in-place results are 0).
+    ``flops`` uses torch.utils.flop_counter's formulas (matmuls, convolutions, attention; 0 for
+    element-wise ops). ``data_path`` is True when the op consumes a tensor derived from the input
+    ids; the others (masks, rotary tables, positions) are auxiliary and stay out of the ratios.
+    ``mixes`` lists the axes ("batch", "sequence", "hidden") the op reduces, contracts or mixes;
+    it is filled when the traced sizes identify the axes (see `SKReport.axis_sizes`).
+    """
+
+    index: int
+    op: str
+    module_path: str
+    module_class: str
+    layer: int | None
+    input_shapes: tuple[tuple[int, ...], ...]
+    output_shapes: tuple[tuple[int, ...], ...]
+    output_bytes: int
+    flops: int
+    kind: str
+    reason: str
+    data_path: bool
+    mixes: frozenset[str]
+    path_in_layer: str | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["input_shapes"] = [list(shape) for shape in self.input_shapes]
+        data["output_shapes"] = [list(shape) for shape in self.output_shapes]
+        data["mixes"] = sorted(self.mixes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> OpRecord:
+        data = dict(data)
+        data["input_shapes"] = tuple(tuple(shape) for shape in data["input_shapes"])
+        data["output_shapes"] = tuple(tuple(shape) for shape in data["output_shapes"])
+        data["mixes"] = frozenset(data["mixes"])
+        return cls(**data)

@@ -1,0 +1,155 @@
+"""End-to-end op-level analysis of tiny random-init models of every supported architecture."""
+
+import math
+
+import pytest
+import torch
+from tiny_models import ARCHS, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM, GPTNeoXModel, ViTConfig
+
+from hf_bwsk.analysis import SKReport, analyze, find_decoder_layers
+from hf_bwsk.errors import BWSKError
+from hf_bwsk.models import load_config
+
+SHAPE = {"seq_len": 16, "batch_size": 2}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_report(request):
+    return request.param, analyze(tiny_config(request.param), **SHAPE)
+
+
+def test_every_op_is_classified(arch_report):
+    arch, report = arch_report
+    assert report.unclassified == [], f"{arch}: ops without a rule: {report.unclassified}"
+    assert {record.kind for record in report.records} <= {"S", "K", "Gray"}
+
+
+def test_ratios_sum_to_one_for_every_weight(arch_report):
+    arch, report = arch_report
+    for by in ("count", "bytes", "flops"):
+        ratios = report.ratios(by)
+        assert set(ratios) == {"S", "K", "Gray"}
+        assert math.isclose(sum(ratios.values()), 1.0, rel_tol=1e-9), f"{arch} by {by}: {ratios}"
+    counts = report.op_counts()
+    assert sum(counts.values()) == len(report.data_records)
+    assert report.ratios("count")["K"] == pytest.approx(counts["K"] / len(report.data_records))
+
+
+def test_every_layer_has_data_path_ops_and_the_loss_is_last(arch_report):
+    arch, report = arch_report
+    assert report.num_layers == 2
+    for layer in range(report.num_layers):
+        ops = report.layer_records(layer)
+        assert ops, f"{arch}: no data-path op in layer {layer}"
+        assert all(record.path_in_layer is not None for record in ops)
+    # Per-layer op sequences are identical across the layers of one model.
+    first, second = ([(r.op, r.kind, r.path_in_layer) for r in report.layer_records(i)] for i in (0, 1))
+    assert first == second, arch
+    loss = report.data_records[-1]
+    assert loss.op == "aten.nll_loss_forward.default" and loss.kind == "K" and loss.module_path == ""
+    assert loss.layer is None
+
+
+def test_auxiliary_ops_stay_out_of_the_ratios(arch_report):
+    arch, report = arch_report
+    auxiliary = [record for record in report.records if not record.data_path]
+    assert auxiliary, f"{arch}: the mask/position ops should be recorded as auxiliary"
+    assert len(report.data_records) + len(auxiliary) == len(report.records)
+    assert sum(report.op_counts().values()) == len(report.data_records)
+
+
+def test_contractions_carry_flops_and_bytes(arch_report):
+    arch, report = arch_report
+    matmuls = [r for r in report.data_records if r.op.split(".")[1] in ("mm", "addmm", "bmm", "convolution")]
+    assert matmuls and all(r.flops > 0 for r in matmuls), arch
+    assert all(r.output_bytes > 0 for r in matmuls)
+    assert sum(r.flops for r in report.data_records) == sum(r.flops for r in matmuls + [
+        r for r in report.data_records if r.op.startswith("aten._scaled_dot_product")])
+
+
+def test_per_module_and_s_phases(arch_report):
+    arch, report = arch_report
+    modules = report.per_module()
+    assert sum(entry["ops"] for entry in modules.values()) == len(report.data_records)
+    for entry in modules.values():
+        assert entry["S"] + entry["K"] + entry["Gray"] == entry["ops"]
+    phases = report.s_phases()
+    assert set(phases) == {0, 1}
+    for layer, runs in phases.items():
+        assert runs, f"{arch}: layer {layer} has no S phase"
+        for phase in runs:
+            ops = report.records[phase.first:phase.last + 1]
+            data = [r for r in ops if r.data_path]
+            assert len(data) == phase.ops and all(r.kind == "S" and r.layer == layer for r in data)
+
+
+def test_json_round_trip(arch_report, tmp_path):
+    arch, report = arch_report
+    path = report.save_json(tmp_path / "report.json")
+    loaded = SKReport.from_json(path)
+    assert loaded.to_dict() == report.to_dict()
+    assert loaded.records == report.records
+    assert loaded.to_table() == report.to_table()
+
+
+def test_table_and_summary(arch_report):
+    arch, report = arch_report
+    table = report.to_table()
+    assert "unclassified ops: none" in table
+    assert "aten.nll_loss_forward.default" in table
+    summary = report.summary()
+    assert summary["ratios"]["count"] == report.ratios("count")
+    assert summary["op_counts"] == report.op_counts()
+    assert summary["module_view"] == report.module_view.ratios()
+    assert (summary["seq_len"], summary["batch_size"]) == (16, 2)
+
+
+def test_real_model_is_traced_on_its_device_and_left_unchanged():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt_neox"), attn_implementation="sdpa")
+    model.train()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    report = analyze(model, **SHAPE)
+    assert report.device == "cpu" and report.unclassified == []
+    assert model.training, "the train/eval mode must be left as it was"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name} changed"
+    assert all(not module._forward_hooks and not module._forward_pre_hooks for module in model.modules())
+    assert all(parameter.grad is None for parameter in model.parameters())
+    # The real CPU run takes the fused attention kernel: one Gray op per layer.
+    fused = [r for r in report.data_records if r.op.startswith("aten._scaled_dot_product")]
+    assert [r.layer for r in fused] == [0, 1] and {r.kind for r in fused} == {"Gray"}
+    assert all(r.flops > 0 for r in fused)
+
+
+def test_builtin_configs_are_fully_classified():
+    for name in ("pythia-70m", "mamba-130m", "gpt2", "opt-125m", "smollm2-135m"):
+        report = analyze(load_config(name), seq_len=8, batch_size=1)
+        assert report.unclassified == [], f"{name}: {report.unclassified}"
+        assert report.device == "meta"
+
+
+def test_find_decoder_layers_on_every_arch():
+    expected = {"gpt_neox": "gpt_neox.layers", "mamba": "backbone.layers", "gpt2": "transformer.h",
+                "llama": "model.layers", "opt": "model.decoder.layers"}
+    for arch in ARCHS:
+        path, layers = find_decoder_layers(tiny_model(arch))
+        assert path == expected[arch] and len(layers) == 2
+
+
+@pytest.mark.parametrize(
+    "target, arguments, message",
+    [
+        (lambda: tiny_config("gpt2"), {"granularity": "layer"}, "unknown granularity"),
+        (lambda: tiny_config("gpt2"), {"seq_len": 0}, "seq_len must be a positive integer"),
+        (lambda: tiny_config("gpt2"), {"seq_len": 1000}, "exceeds the model's max_position_embeddings"),
+        (lambda: ViTConfig(), {}, "ViTConfig \\(model_type 'vit'\\) is not a causal LM"),
+        (lambda: GPTNeoXModel(tiny_config("gpt_neox")), {}, "GPTNeoXModel is not a causal LM"),
+        (lambda: "pythia-70m", {}, "pass a transformers causal LM or its config"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_fix(target, arguments, message):
+    with pytest.raises(BWSKError, match=message) as error:
+        analyze(target(), **arguments)
+    assert "\n" not in str(error.value)
