@@ -164,6 +164,15 @@ def _resolve_token(token: str | None) -> str:
     return token
 
 
+def check_token(token: str | None = None, *, endpoint: str | None = None) -> str:
+    """The account a token (default: HF_TOKEN or the saved login) belongs to; refuses a missing or
+    rejected token in one line. Runners call it before training, so a push cannot fail on it hours later."""
+    from huggingface_hub import HfApi
+
+    token = _resolve_token(token)
+    return _who(HfApi(endpoint=endpoint, token=token), token)
+
+
 def _who(api, token: str) -> str:
     """The account the token belongs to; a rejected token stops here, before any upload."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -194,6 +203,17 @@ def _remote_step(step: str, call, repo_id: str):
                         "nothing was committed, run the push again") from None
 
 
+def _refuse_token_in_files(files: list[RepoFile], token: str) -> None:
+    """Stop before uploading a results or config file that holds the token (e.g. dumped arguments)."""
+    needle = token.encode()
+    for repo_file in files:
+        if repo_file.path_in_repo.endswith(".safetensors"):
+            continue
+        content = repo_file.source if isinstance(repo_file.source, bytes) else repo_file.source.read_bytes()
+        if needle in content:
+            raise BWSKError(f"{repo_file.path_in_repo} contains your Hugging Face token; remove it before publishing")
+
+
 def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          commit_message: str = DEFAULT_COMMIT_MESSAGE, token: str | None = None, dry_run: bool = False,
          endpoint: str | None = None, license: str = "mit") -> PushResult:
@@ -219,6 +239,7 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
     if "/" not in repo_id:
         repo_id = f"{account}/{repo_id}"
     files = repo_files(run_dir, repo_id=repo_id, license=license)
+    _refuse_token_in_files(files, token)
     _remote_step("repo creation", lambda: api.create_repo(repo_id, private=private, exist_ok=True), repo_id)
     if revision != "main":
         _remote_step(f"branch creation ({revision})",

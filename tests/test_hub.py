@@ -221,3 +221,27 @@ def test_the_test_hub_is_strict_about_auth_and_lfs_objects(hub):
                                  {**auth, "Content-Type": "application/x-ndjson"})
     assert status == 422 and "never uploaded" in answer["error"]
     assert sorted(hub.files("tester/strict")) == [".gitattributes"]  # the whole commit was refused
+
+
+def test_check_token_names_the_account_or_refuses_in_one_line(hf_home, hub, monkeypatch):
+    from hf_bwsk.hub import check_token
+
+    with pytest.raises(BWSKError, match="no Hugging Face token"):
+        check_token()
+    with pytest.raises(BWSKError, match="rejected"):
+        check_token("hf_not_a_known_token")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert check_token() == USER
+
+
+def test_a_file_holding_the_token_is_never_uploaded(run_dir, tmp_path, hf_home, hub):
+    leaky = shutil.copytree(run_dir, tmp_path / "run")
+    path = leaky / "scratch-conventional" / "training_results.json"
+    record = json.loads(path.read_text())
+    record["hyperparameters"]["hub_token"] = TOKEN
+    path.write_text(json.dumps(record))
+    # The card's training configuration shows the hyperparameters, so README.md is the first to hold it.
+    with pytest.raises(BWSKError, match="README.md contains your Hugging Face token") as caught:
+        push(leaky, "tester/leaky", token=TOKEN)
+    assert TOKEN not in "".join(traceback.format_exception(caught.value))
+    assert hub_calls(hub) == [("GET", "whoami")]
