@@ -357,12 +357,11 @@ def card_files(run_dir: str | Path, *, repo_id: str | None = None, license: str 
     """``{path_in_repo: content}`` of the card and the plots it references."""
     from .plots import loss_curves_png, peak_memory_png
 
-    run = load_run(run_dir)
-    records = list(run.variants.values())
+    records = list(load_run(run_dir).variants.values())
     return {
-        "README.md": render_card(run_dir, repo_id=repo_id, license=license).encode("utf-8"),
         LOSS_PLOT: loss_curves_png(records),
         MEMORY_PLOT: peak_memory_png(records),
+        "README.md": render_card(run_dir, repo_id=repo_id, license=license).encode("utf-8"),
     }
 
 

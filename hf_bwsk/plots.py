@@ -5,14 +5,18 @@ object API with the Agg canvas, so no global pyplot state or display backend is 
 carry no software/time metadata: the same results give the same bytes.
 """
 
+import importlib.util
 import io
 
 from .cards import EXPERIMENT_LABELS, EXPERIMENTS, MODE_LABELS, MODES, memory_note
+from .errors import BWSKError
 
 MODE_COLORS = {"conventional": "tab:gray", "analyzed": "tab:blue", "reversible": "tab:green"}
 
 
 def _figure(width: float, height: float, columns: int):
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BWSKError("the card's plots need matplotlib; install it with: pip install 'hf-bwsk[plot]'")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

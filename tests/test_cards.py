@@ -156,3 +156,13 @@ def test_importing_the_package_stays_light():
             "print(sorted(m for m in ('datasets', 'evaluate', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_missing_matplotlib_is_a_one_line_error(run_copy, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    with pytest.raises(BWSKError, match=r"pip install 'hf-bwsk\[plot\]'"):
+        write_card(run_copy)
+    assert not (run_copy / "README.md").exists()
