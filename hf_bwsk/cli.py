@@ -189,6 +189,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None and not path.parent.is_dir():
             raise BWSKError(f"the directory of {flag} {path} does not exist; create it or pick another path")
+    if args.plot is not None and args.granularity == "module":
+        raise BWSKError("--plot maps the traced ops of each layer; use --granularity op or drop --plot")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise BWSKError("--plot needs matplotlib; install it with: pip install 'hf-bwsk[plot]'")
 
