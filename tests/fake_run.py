@@ -10,10 +10,11 @@ run: the card and Hub code only need the files, and building them takes about a 
 
 import json
 import math
-import platform
 from pathlib import Path
 
 from tiny_models import VOCAB, tiny_model
+
+from hf_bwsk.env import versions
 
 EXPERIMENTS = ("finetune", "scratch")
 MODES = ("conventional", "analyzed", "reversible")
@@ -40,18 +41,6 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<unk>"
     )
-
-
-def _versions():
-    import huggingface_hub
-    import torch
-    import transformers
-
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "accelerate": None, "huggingface_hub": huggingface_hub.__version__, "datasets": None,
-        "hf_bwsk": "0.1.0",
-    }
 
 
 def _hyperparameters(experiment):
@@ -90,7 +79,7 @@ def training_results(experiment, mode, *, seed, device, precision, index):
         "s_ratio": 0.55 if analysed else None, "k_ratio": 0.3 if analysed else None,
         "gray_ratio": 0.15 if analysed else None,
         "reversible": {"status": "active", "reason": "fused loss + selective recompute"} if mode == "reversible" else None,
-        "versions": _versions(), "hyperparameters": _hyperparameters(experiment),
+        "versions": versions(), "hyperparameters": _hyperparameters(experiment),
     }
 
 
@@ -137,7 +126,7 @@ def make_fake_run(root, *, seed=0, device="cpu", precision="fp32", with_checkpoi
         "s_ratio": summary["ratios"]["count"]["S"], "k_ratio": summary["ratios"]["count"]["K"],
         "gray_ratio": summary["ratios"]["count"]["Gray"], "analysis": summary, "runs": runs,
         "timestamp": "2026-01-02T03:04:05+00:00", "seed": seed, "preset": "tiny", "device": device,
-        "versions": _versions(),
+        "versions": versions(),
         "dataset": {"source": "hub", "name": "wikitext", "config_name": "wikitext-2-raw-v1"},
         "hyperparameters": {experiment: _hyperparameters(experiment) for experiment in EXPERIMENTS},
     }
