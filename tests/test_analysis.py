@@ -153,3 +153,16 @@ def test_bad_input_is_one_line_naming_the_fix(target, arguments, message):
     with pytest.raises(BWSKError, match=message) as error:
         analyze(target(), **arguments)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "mamba"])
+def test_meta_shortcuts_leave_the_trace_unchanged(arch, monkeypatch):
+    from hf_bwsk.analysis import meta_shortcuts, trace
+
+    fast = analyze(tiny_config(arch), seq_len=17, batch_size=3)
+    monkeypatch.setattr(meta_shortcuts.MetaPointwise, "applies", staticmethod(lambda args, kwargs: False))
+    monkeypatch.setattr(trace, "matmul_applies", lambda func, args: False)
+    slow = analyze(tiny_config(arch), seq_len=17, batch_size=3)
+    assert slow.skipped == fast.skipped
+    mismatches = [(a, b) for a, b in zip(fast.records, slow.records) if a != b]
+    assert len(fast.records) == len(slow.records) and not mismatches, f"first mismatch: {mismatches[:1]}"

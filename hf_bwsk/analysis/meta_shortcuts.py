@@ -1,8 +1,10 @@
-"""A fast stand-in for pointwise aten ops on meta tensors.
+"""Fast stand-ins for the most frequent aten ops on meta tensors.
 
 On the meta device, pointwise ops run their Python reference implementations (a few hundred
-microseconds each), which dominates the trace of a reference selective scan (thousands of mul/add
-per layer). A pointwise op's output is the broadcast shape of its tensor inputs, and its dtype
+microseconds each) and bmm/mm their Python meta functions, which dominates the trace of a
+reference selective scan (thousands of mul/add/bmm per layer). A matrix product's output shape
+and dtype follow from its inputs. A pointwise op's output is the broadcast shape of its tensor
+inputs, and its dtype
 depends only on the input dtypes and scalar types; so the real meta kernel runs once per such
 signature and later calls only allocate an empty meta tensor. Outputs are contiguous (the real
 kernel keeps a transposed input's memory format), so only calls whose inputs are laid out in
@@ -12,6 +14,29 @@ row-major order take the shortcut: the op sequence stays the one the real meta k
 from __future__ import annotations
 
 import torch
+
+
+_aten = torch.ops.aten
+_MATMULS = {_aten.mm.default: 2, _aten.bmm.default: 3}
+
+
+def matmul_applies(func, args) -> bool:
+    """Whether `run_matmul` can stand in: mm/bmm of two meta tensors of one dtype and matching
+    inner sizes (anything else runs the real kernel, which raises the real error)."""
+    rank = _MATMULS.get(func)
+    if rank is None or len(args) != 2:
+        return False
+    left, right = args
+    return (
+        left.is_meta and right.is_meta and left.dim() == rank and right.dim() == rank
+        and left.dtype == right.dtype and left.shape[-1] == right.shape[-2]
+        and left.shape[:-2] == right.shape[:-2]
+    )
+
+
+def run_matmul(args) -> torch.Tensor:
+    left, right = args
+    return torch.empty((*left.shape[:-1], right.shape[-1]), dtype=left.dtype, device="meta")
 
 
 class MetaPointwise:

@@ -9,6 +9,7 @@ the rules tell ``x * W`` from ``x * gate(x)``.
 
 from __future__ import annotations
 
+import gc
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch.utils.flop_counter import flop_registry
 
 from ..errors import BWSKError
 from .axes import AxisSizes
-from .meta_pointwise import MetaPointwise
+from .meta_shortcuts import MetaPointwise, matmul_applies, run_matmul
 from .mixing import NONE, mixed_axes
 from .records import OpRecord
 from .rules import DROPPING_SLICE, FACTORY_OPS, PARTITION, RANDOM_OPS, OpCall, SlicePiece, classify
@@ -183,6 +184,8 @@ class OpTracer(TorchDispatchMode):
     def _run(self, func, info: _OpInfo, args, kwargs):
         if info.pointwise and self._meta_pointwise.applies(args, kwargs):
             return self._meta_pointwise.run(func, args, kwargs, info.mutates_first)
+        if matmul_applies(func, args):
+            return run_matmul(args)
         if func is _ITEM and args[0].is_meta:
             # Meta tensors have no values. Data-dependent checks in the HF code ask whether the
             # attention mask is all ones, or the sequences unpacked: answer as an ordinary batch.
@@ -241,11 +244,17 @@ def trace_call(
         mark_activation(tensor)
     modules = ModuleStack(model if model is not None else torch.nn.Module(), layers_path)
     tracer = OpTracer(modules, axes)
+    # Tens of thousands of records would trigger repeated full garbage collections (a fifth of
+    # the trace time); nothing the trace allocates needs the cycle collector before it ends.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         with torch.no_grad(), tracer:
             fn(*activations)
     finally:
         modules.remove()
+        if collecting:
+            gc.enable()
     return tracer.finish(), dict(tracer.skipped)
 
 

@@ -1,0 +1,124 @@
+"""How long the op-level S/K analysis and the CALM report take on the built-in Pythia-70M and
+Mamba-130M configs (meta device, default batch 2 x sequence 128).
+
+Each model is measured in a fresh process: "cold" is the first `analyze()` call after the imports
+(it includes building the model on meta and importing its modeling code), "warm" the median of
+three further calls. Prints one JSON object and appends one row per model to docs/BENCHMARKS.md.
+
+    python benchmarks/analysis_speed.py [--models pythia-70m mamba-130m] [--no-append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
+SECTION = "## Analysis speed (`benchmarks/analysis_speed.py`)"
+HEADER = (
+    "| date | commit | device | torch | transformers | model | batch x seq | data-path ops | all ops "
+    "| cold analyze s | warm analyze s | CALM s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+WARM_REPEATS = 3
+
+
+def measure(name: str) -> dict:
+    """Time the analysis of one built-in model in this process (call in a fresh one)."""
+    from hf_bwsk.analysis import analyze, calm_report
+    from hf_bwsk.models import load_config
+
+    config = load_config(name)
+    start = time.perf_counter()
+    report = analyze(config)
+    cold = time.perf_counter() - start
+    warm = []
+    for _ in range(WARM_REPEATS):
+        start = time.perf_counter()
+        analyze(config)
+        warm.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    calm = calm_report(config)
+    calm_s = time.perf_counter() - start
+    return {
+        "model": name,
+        "batch_size": report.batch_size,
+        "seq_len": report.seq_len,
+        "data_path_ops": len(report.data_records),
+        "all_ops": len(report.records),
+        "cold_s": round(cold, 3),
+        "warm_median_s": round(statistics.median(warm), 3),
+        "calm_s": round(calm_s, 3),
+        "ratios": {by: {kind: round(share, 4) for kind, share in report.ratios(by).items()}
+                   for by in ("count", "bytes", "flops")},
+        "module_view": report.module_view.counts(),
+        "calm_sync_counts": calm.sync_counts(),
+        "calm_probe": {"batch": calm.batch_size, "seq_len": calm.seq_len},
+    }
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+def append_rows(results: dict) -> None:
+    """Add one row per model under this benchmark's section of docs/BENCHMARKS.md."""
+    versions = results["versions"]
+    rows = [
+        f"| {results['date']} | {results['commit']} | {results['device']} | {versions['torch']} "
+        f"| {versions['transformers']} | {m['model']} | {m['batch_size']} x {m['seq_len']} | {m['data_path_ops']} "
+        f"| {m['all_ops']} | {m['cold_s']:.2f} | {m['warm_median_s']:.2f} | {m['calm_s']:.2f} |"
+        for m in results["models"]
+    ]
+    text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.exists() else "# Benchmarks\n"
+    lines = text.rstrip("\n").split("\n")
+    if SECTION not in lines:
+        lines += ["", SECTION, "", "CPU wall time varies by ~30% run to run on shared machines.", "", HEADER]
+    end = lines.index(SECTION) + 1
+    while end < len(lines) and not lines[end].startswith("| date"):
+        end += 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines[end:end] = rows
+    BENCHMARKS.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["pythia-70m", "mamba-130m"])
+    parser.add_argument("--no-append", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: measure one model, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one)))
+        return
+    from hf_bwsk.env import device_description, versions
+
+    models = []
+    for name in args.models:
+        child = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, check=True)
+        models.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    results = {
+        "benchmark": "analysis_speed",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "device": device_description(),
+        "versions": versions(),
+        "warm_repeats": WARM_REPEATS,
+        "models": models,
+    }
+    print(json.dumps(results, indent=2))
+    if not args.no_append:
+        append_rows(results)
+
+
+if __name__ == "__main__":
+    main()
