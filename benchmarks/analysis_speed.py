@@ -3,7 +3,8 @@ Mamba-130M configs (meta device, default batch 2 x sequence 128).
 
 Each model is measured in a fresh process: "cold" is the first `analyze()` call after the imports
 (it includes building the model on meta and importing its modeling code), "warm" the median of
-three further calls. Prints one JSON object and appends one row per model to docs/BENCHMARKS.md.
+three further calls; wall and process CPU time both, with the load average, since on a shared
+machine wall time also measures the neighbours. Prints one JSON object and appends one row per model to docs/BENCHMARKS.md.
 
     python benchmarks/analysis_speed.py [--models pythia-70m mamba-130m] [--no-append]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,8 +26,8 @@ BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Analysis speed (`benchmarks/analysis_speed.py`)"
 HEADER = (
     "| date | commit | device | torch | transformers | model | batch x seq | data-path ops | all ops "
-    "| cold analyze s | warm analyze s | CALM s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| cold analyze s (CPU s) | warm analyze s (CPU s) | CALM s | load avg |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 WARM_REPEATS = 3
 
@@ -36,17 +38,9 @@ def measure(name: str) -> dict:
     from hf_bwsk.models import load_config
 
     config = load_config(name)
-    start = time.perf_counter()
-    report = analyze(config)
-    cold = time.perf_counter() - start
-    warm = []
-    for _ in range(WARM_REPEATS):
-        start = time.perf_counter()
-        analyze(config)
-        warm.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    calm = calm_report(config)
-    calm_s = time.perf_counter() - start
+    (cold, cold_cpu), report = timed(analyze, config)
+    warm = [timed(analyze, config)[0] for _ in range(WARM_REPEATS)]
+    (calm_s, _), calm = timed(calm_report, config)
     return {
         "model": name,
         "batch_size": report.batch_size,
@@ -54,7 +48,9 @@ def measure(name: str) -> dict:
         "data_path_ops": len(report.data_records),
         "all_ops": len(report.records),
         "cold_s": round(cold, 3),
-        "warm_median_s": round(statistics.median(warm), 3),
+        "cold_cpu_s": round(cold_cpu, 3),
+        "warm_median_s": round(statistics.median(wall for wall, _ in warm), 3),
+        "warm_median_cpu_s": round(statistics.median(cpu for _, cpu in warm), 3),
         "calm_s": round(calm_s, 3),
         "ratios": {by: {kind: round(share, 4) for kind, share in report.ratios(by).items()}
                    for by in ("count", "bytes", "flops")},
@@ -62,6 +58,13 @@ def measure(name: str) -> dict:
         "calm_sync_counts": calm.sync_counts(),
         "calm_probe": {"batch": calm.batch_size, "seq_len": calm.seq_len},
     }
+
+
+def timed(function, *args):
+    """((wall seconds, process CPU seconds), result) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = function(*args)
+    return (time.perf_counter() - wall, time.process_time() - cpu), result
 
 
 def git_commit() -> str:
@@ -75,13 +78,14 @@ def append_rows(results: dict) -> None:
     rows = [
         f"| {results['date']} | {results['commit']} | {results['device']} | {versions['torch']} "
         f"| {versions['transformers']} | {m['model']} | {m['batch_size']} x {m['seq_len']} | {m['data_path_ops']} "
-        f"| {m['all_ops']} | {m['cold_s']:.2f} | {m['warm_median_s']:.2f} | {m['calm_s']:.2f} |"
+        f"| {m['all_ops']} | {m['cold_s']:.2f} ({m['cold_cpu_s']:.2f}) | {m['warm_median_s']:.2f} "
+        f"({m['warm_median_cpu_s']:.2f}) | {m['calm_s']:.2f} | {results['load_average']} |"
         for m in results["models"]
     ]
     text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.exists() else "# Benchmarks\n"
     lines = text.rstrip("\n").split("\n")
     if SECTION not in lines:
-        lines += ["", SECTION, "", "CPU wall time varies by ~30% run to run on shared machines.", "", HEADER]
+        lines += ["", SECTION, "", "Default shape (batch 2 x sequence 128) on the meta device.", "", HEADER]
     end = lines.index(SECTION) + 1
     while end < len(lines) and not lines[end].startswith("| date"):
         end += 1
@@ -113,6 +117,8 @@ def main() -> None:
         "device": device_description(),
         "versions": versions(),
         "warm_repeats": WARM_REPEATS,
+        # The machine may be shared: the 1-minute load average tells how contended the wall times were.
+        "load_average": round(os.getloadavg()[0], 1),
         "models": models,
     }
     print(json.dumps(results, indent=2))

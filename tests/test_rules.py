@@ -129,3 +129,11 @@ def test_records_carry_shapes_bytes_and_flops():
     assert addmm.flops == 2 * 4 * 8 * 16
     views, _ = trace_call(lambda x: x.view(32), torch.randn(4, 8))
     assert views[0].output_bytes == 0, "a view allocates nothing"
+
+
+def test_bytes_of_a_folded_matmul_are_counted_once():
+    weight = torch.randn(8, 16)
+    records, _ = trace_call(lambda x: x @ weight, torch.randn(2, 4, 8))
+    ops = [record.op for record in records]
+    assert ops == ["aten.view.default", "aten.mm.default", "aten._unsafe_view.default"], ops
+    assert sum(record.output_bytes for record in records) == 2 * 4 * 16 * 4

@@ -85,7 +85,8 @@ class _OpInfo:
         return cls(
             op=str(func),
             name=name,
-            aliased_outputs=tuple(ret.alias_info is not None for ret in schema.returns),
+            # _unsafe_view is a view whose schema hides the alias (for autograd's sake).
+            aliased_outputs=tuple(ret.alias_info is not None or name == "_unsafe_view" for ret in schema.returns),
             mutates_first=bool(first is not None and first.alias_info is not None and first.alias_info.is_write),
             factory=name in FACTORY_OPS or name in RANDOM_OPS,
             random=name in RANDOM_OPS,
