@@ -1,10 +1,13 @@
 """CALM report: sync points per sharding axis, and the axis recognition it rests on."""
 
 import pytest
+import torch
+import torch.nn.functional as F
 from tiny_models import ARCHS, tiny_config, tiny_model
 
 from hf_bwsk.analysis import analyze, calm_report
 from hf_bwsk.analysis.axes import AxisSizes, identifies_axes, model_sizes, probe_sizes
+from hf_bwsk.analysis.trace import trace_call
 
 LOSS = "aten.nll_loss_forward.default"
 
@@ -115,3 +118,28 @@ def test_probe_sizes_divide_no_model_size():
     assert all(size % probe.batch and size % probe.sequence for size in sizes)
     assert not identifies_axes(2, 16, sizes), "2 divides the hidden size, 16 is not prime"
     assert not identifies_axes(7, 7, sizes), "batch and sequence must differ"
+
+
+@pytest.mark.parametrize(
+    "name, fn, mixes",
+    [
+        ("element-wise", lambda x: torch.tanh(x) * 2, [set(), set()]),
+        ("softmax over features", lambda x: torch.softmax(x, -1), [{"hidden"}]),
+        ("softmax over positions", lambda x: torch.softmax(x, 1), [{"sequence"}]),
+        ("sum of everything", lambda x: x.sum(), [{"batch", "sequence", "hidden"}]),
+        ("layer norm", lambda x: F.layer_norm(x, (8,)), [{"hidden"}]),
+        ("cumsum over positions", lambda x: x.cumsum(1), [{"sequence"}]),
+        ("sort over features", lambda x: x.sort(), [{"hidden"}]),
+        ("token projection", lambda x: x.reshape(-1, 8) @ torch.randn(8, 4), [set(), {"hidden"}]),
+        ("scores between positions", lambda x: x @ x.transpose(1, 2), [set(), {"hidden", "sequence"}]),
+        ("causal conv over positions",
+         lambda x: F.conv1d(x.transpose(1, 2), torch.randn(8, 1, 3), padding=2, groups=8), [set(), {"sequence"}]),
+        ("one step of a scan", lambda x: x[:, 4], [{"sequence"}]),
+        ("a slice of features", lambda x: x[..., :4], [set()]),
+    ],
+)
+def test_single_op_mixing(name, fn, mixes):
+    axes = AxisSizes(batch=7, sequence=17)
+    records, _ = trace_call(fn, torch.randn(7, 17, 8), axes=axes)
+    found = [set(record.mixes) for record in records if record.data_path]
+    assert found == mixes, f"{name}: {[(r.op, sorted(r.mixes)) for r in records if r.data_path]}"

@@ -54,16 +54,20 @@ def _axes_of_dims(source: torch.Tensor, dims, axes: AxisSizes) -> frozenset:
     return frozenset(found)
 
 
+# Where the dim argument sits, and its default, for reductions that do not take it second or that
+# default to the last dim rather than to all of them.
+_DIM_ARGUMENT = {"topk": (2, -1), "kthvalue": (2, -1), "sort": (1, -1), "cumsum": (1, -1),
+                 "norm": (2, None), "linalg_vector_norm": (2, None)}
+
+
 @_register("sum mean amax amin max min argmax argmin var var_mean std std_mean prod norm linalg_vector_norm "
            "logsumexp any all count_nonzero topk median mode kthvalue cumsum sort")
 def _reduction(call, axes):
-    source = call.args[0]
-    dims = call.arg(1, "dim")
-    if call.name in ("max", "min") and isinstance(dims, torch.Tensor):
+    position, default = _DIM_ARGUMENT.get(call.name, (1, None))
+    dims = call.arg(position, "dim", default)
+    if isinstance(dims, torch.Tensor):
         return NONE  # max.other / min.other: element-wise
-    if call.name == "linalg_vector_norm":
-        dims = call.arg(2, "dim")
-    return _axes_of_dims(source, dims, axes)
+    return _axes_of_dims(call.args[0], dims, axes)
 
 
 @_register("_softmax _safe_softmax _log_softmax")

@@ -58,10 +58,6 @@ class OpCall:
             return self.args[index]
         return self.kwargs.get(name, default)
 
-    @property
-    def first_output(self) -> torch.Tensor:
-        return self.out[0] if isinstance(self.out, (tuple, list)) else self.out
-
 
 Rule = Callable[[OpCall], "Verdict | SlicePiece | None"]
 RULES: dict[str, Rule] = {}
