@@ -257,7 +257,8 @@ class ReversibleMode:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), forked_rng(labels.device):
+            # A structural check, so in full precision: autocast rounding would blur it.
+            with torch.no_grad(), forked_rng(labels.device), torch.autocast(labels.device.type, enabled=False):
                 output = type(model).forward(model, **inputs, labels=labels, use_cache=False)
                 hidden_states = model.base_model(**inputs, use_cache=False)[0]
                 logits = F.linear(hidden_states, head.weight, getattr(head, "bias", None))
