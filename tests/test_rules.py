@@ -137,3 +137,19 @@ def test_bytes_of_a_folded_matmul_are_counted_once():
     ops = [record.op for record in records]
     assert ops == ["aten.view.default", "aten.mm.default", "aten._unsafe_view.default"], ops
     assert sum(record.output_bytes for record in records) == 2 * 4 * 16 * 4
+
+
+def test_trace_leaves_no_mark_on_the_callers_tensors():
+    buffer = torch.zeros(4, 8)
+
+    def write_into_buffer(x):
+        buffer.add_(x)
+        return buffer * 2
+
+    x = torch.randn(4, 8)
+    records, _ = trace_call(write_into_buffer, x)
+    assert [(r.op, r.data_path) for r in records] == [("aten.add_.Tensor", True), ("aten.mul.Tensor", True)]
+    # A second trace must not take the buffer for an activation.
+    again, _ = trace_call(lambda y: (buffer * 3.0, y * 2.0), torch.randn(4, 8))
+    assert [r.data_path for r in again] == [False, True]
+    assert not hasattr(buffer, "_bwsk_origin") and not hasattr(x, "_bwsk_origin")

@@ -143,6 +143,8 @@ class OpTracer(TorchDispatchMode):
         self._slice_groups: dict[tuple[int, int], tuple[weakref.ref, list]] = {}
         self._closed_groups: list[list] = []
         self._meta_pointwise = MetaPointwise()
+        # Tensors written in place get marked, and may outlive the trace (buffers): unmarked at the end.
+        self.marked_in_place: list[weakref.ref] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # The hot path of the trace (tens of thousands of calls for a reference scan): keep it lean.
@@ -198,16 +200,15 @@ class OpTracer(TorchDispatchMode):
             )
         return func(*args, **kwargs)
 
-    @staticmethod
-    def _propagate(info: _OpInfo, args, outputs: list[torch.Tensor], origin: int) -> None:
+    def _propagate(self, info: _OpInfo, args, outputs: list[torch.Tensor], origin: int) -> None:
         if not origin:
             return
         targets = list(outputs)
         if info.mutates_first and isinstance(args[0], torch.Tensor):
             # An in-place write marks the written tensor and the base it views into.
-            targets.append(args[0])
-            if args[0]._base is not None:
-                targets.append(args[0]._base)
+            written = [args[0]] if args[0]._base is None else [args[0], args[0]._base]
+            targets += written
+            self.marked_in_place += [weakref.ref(tensor) for tensor in written]
         for tensor in targets:
             if getattr(tensor, _ORIGIN, 0) != ACTIVATION:
                 setattr(tensor, _ORIGIN, origin)
@@ -219,13 +220,14 @@ class OpTracer(TorchDispatchMode):
             if group is not None:
                 self._closed_groups.append(group[1])
             group = self._slice_groups[key] = (weakref.ref(piece.source), [])
-        group[1].append((index, piece))
+        # Only the interval is kept: holding the source would keep real activations alive.
+        group[1].append((index, piece.start, piece.stop, piece.size))
 
     def finish(self) -> list[OpRecord]:
         """Upgrade slices that partition their source to S; return the records."""
         for pieces in self._closed_groups + [group[1] for group in self._slice_groups.values()]:
             if _covers(pieces):
-                for index, _ in pieces:
+                for index, *_ in pieces:
                     self.records[index].kind = PARTITION.kind
                     self.records[index].reason = PARTITION.reason
         return self.records
@@ -256,6 +258,10 @@ def trace_call(
         modules.remove()
         if collecting:
             gc.enable()
+        # Leave no mark on tensors the caller keeps (inputs, buffers written in place).
+        for tensor in (*activations, *(ref() for ref in tracer.marked_in_place)):
+            if tensor is not None:
+                tensor.__dict__.pop(_ORIGIN, None)
     return tracer.finish(), dict(tracer.skipped)
 
 
@@ -294,9 +300,9 @@ def _output_origin(info: _OpInfo, origins: set[int]) -> int:
 
 
 def _covers(pieces: list) -> bool:
-    size = pieces[0][1].size
+    size = pieces[0][3]
     reached = 0
-    for start, stop in sorted((piece.start, piece.stop) for _, piece in pieces):
+    for start, stop in sorted((start, stop) for _, start, stop, _ in pieces):
         if start > reached:
             return False
         reached = max(reached, stop)
