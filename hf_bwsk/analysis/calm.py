@@ -94,9 +94,8 @@ class CalmReport:
             f"{'free phases':>11} {'longest phase':>13}",
         ]
         for axis, report in self.axes.items():
-            per_layer = sorted(set(report.layer_sync_counts.values()))
-            per_layer_text = "-".join(str(count) for count in (per_layer[0], per_layer[-1])) if len(
-                per_layer) > 1 else str(per_layer[0] if per_layer else 0)
+            per_layer = sorted(set(report.layer_sync_counts.values())) or [0]
+            per_layer_text = str(per_layer[0]) if len(per_layer) == 1 else f"{per_layer[0]}-{per_layer[-1]}"
             longest = max((phase.ops for phase in report.phases), default=0)
             lines.append(
                 f"{axis:<9} {PARALLELISM[axis]:<17} {len(report.sync_points):>11} {per_layer_text:>10} "

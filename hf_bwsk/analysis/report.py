@@ -14,7 +14,8 @@ from .module_view import ModuleView
 from .records import OpRecord
 from .rules import KINDS, S
 
-RATIO_WEIGHTS = ("count", "bytes", "flops")
+_WEIGHTS = {"count": lambda record: 1, "bytes": lambda record: record.output_bytes, "flops": lambda record: record.flops}
+RATIO_WEIGHTS = tuple(_WEIGHTS)
 
 
 class Phase(NamedTuple):
@@ -69,9 +70,9 @@ class SKReport:
             if by != "count":
                 raise BWSKError("the module view only counts leaves; analyze with granularity='op' for bytes/flops")
             return self.module_view.ratios()
-        totals = Counter()
+        weight, totals = _WEIGHTS[by], Counter()
         for record in self.data_records:
-            totals[record.kind] += 1 if by == "count" else record.output_bytes if by == "bytes" else record.flops
+            totals[record.kind] += weight(record)
         grand = sum(totals.values())
         return {kind: (totals[kind] / grand if grand else 0.0) for kind in KINDS}
 
