@@ -108,7 +108,9 @@ def fmt_percent(fraction) -> str:
 def fmt_memory(megabytes) -> str:
     if megabytes is None:
         return NOT_MEASURED
-    return f"{megabytes / 1024:.2f} GB" if megabytes >= 1024 else f"{megabytes:.1f} MB"
+    if megabytes >= 1024:
+        return f"{megabytes / 1024:.2f} GB"
+    return f"{megabytes:.1f} MB" if megabytes >= 1 else f"{megabytes * 1024:.1f} KB"
 
 
 def fmt_duration(seconds) -> str:
@@ -215,8 +217,30 @@ def memory_note(records: list[dict]) -> str:
     return ", ".join(MEMORY_KINDS.get(kind, kind or NOT_MEASURED) for kind in kinds) or NOT_MEASURED
 
 
+def reversible_note(record: dict) -> str | None:
+    """What reversible mode did in this run, as recorded: status, reason, recomputed ops, loss buffer."""
+    reversible = record.get("reversible")
+    if not reversible:
+        return None
+    parts = [reversible.get("status", NOT_MEASURED)]
+    if reversible.get("reason"):
+        parts.append(reversible["reason"])
+    if reversible.get("loss"):
+        parts.append(f"loss: {reversible['loss']}")
+    plan = reversible.get("plan") or {}
+    if plan.get("recomputed_ops") is not None:
+        ops = ", ".join(f"`{op}` x{count}" for op, count in sorted(plan["recomputed_ops"].items()))
+        parts.append(f"recomputed in backward: {ops or 'nothing'}")
+    if plan.get("recompute_flops_fraction") is not None:
+        parts.append(f"recompute FLOPs fraction: {plan['recompute_flops_fraction']:.3f}")
+    grad_buffer = (record.get("bytes_kept_for_backward") or {}).get("grad_buffer_bytes")
+    if grad_buffer:
+        parts.append(f"the fused loss's weight-gradient buffer ({fmt_memory(grad_buffer / 2**20)}, the `.grad` "
+                     "backward allocates anyway) is reported apart from peak memory")
+    return "; ".join(parts)
+
+
 def result_row(record: dict) -> dict:
-    reversible = record.get("reversible") or {}
     return {
         "mode": MODE_LABELS[record["mode"]],
         "final_loss": fmt(record.get("final_train_loss"), ".4f"),
@@ -225,7 +249,7 @@ def result_row(record: dict) -> dict:
         "peak_memory": fmt_memory(record.get("peak_memory_mb")),
         "time": fmt_duration(record.get("wall_time_s")),
         "epochs": fmt_epochs(record),
-        "reversible": f"{reversible['status']}: {reversible.get('reason', '')}".rstrip(": ") if reversible else None,
+        "reversible": reversible_note(record),
     }
 
 
@@ -301,7 +325,8 @@ def run_context(run: Run, repo_id: str) -> dict:
         "params": fmt(results.get("params_m"), ".2f") + ("M" if results.get("params_m") is not None else ""),
         "dataset": dataset_label(dataset),
         "early_stopping": ", ".join(str(p) for p in sorted(patience, key=str)) if None not in patience else None,
-        "measured_on": measured_on(list(run.variants.values())),
+        "measured_on": overview_device(results, list(run.variants.values())),
+        "base_model": results.get("hf_id") or (results.get("hyperparameters") or {}).get("base_model"),
         "preset": results.get("preset") or NOT_MEASURED, "seed": fmt_setting(results.get("seed")),
         "timestamp": results.get("timestamp") or NOT_MEASURED,
         "sk": sk_rows(results.get("analysis")),
@@ -314,6 +339,14 @@ def run_context(run: Run, repo_id: str) -> dict:
         "software": software_line(results.get("versions")),
         "version": (results.get("versions") or {}).get("hf_bwsk") or NOT_MEASURED,
     }
+
+
+def overview_device(results: dict, records: list[dict]) -> str:
+    """The runner's device description with the precision the runs used, else the runs' own record."""
+    if not results.get("device"):
+        return measured_on(records)
+    precisions = sorted({r.get("precision") or NOT_MEASURED for r in records})
+    return f"{results['device']} ({', '.join(precisions)})"
 
 
 def dataset_label(dataset: dict) -> str:

@@ -12,6 +12,8 @@ from .cards import EXPERIMENT_LABELS, EXPERIMENTS, MODE_LABELS, MODES, memory_no
 from .errors import BWSKError
 
 MODE_COLORS = {"conventional": "tab:gray", "analyzed": "tab:blue", "reversible": "tab:green"}
+# Modes with the same gradients give the same curves: decreasing widths keep coinciding lines visible.
+MODE_WIDTHS = {"conventional": 5.0, "analyzed": 3.0, "reversible": 1.2}
 
 
 def _figure(width: float, height: float, columns: int):
@@ -44,12 +46,13 @@ def loss_curves_png(records: list[dict]) -> bytes:
     figure, axes = _figure(5.0 * len(grouped), 3.8, len(grouped))
     for ax, (experiment, group) in zip(axes, grouped.items()):
         for record in group:
-            color, label = MODE_COLORS[record["mode"]], MODE_LABELS[record["mode"]]
+            mode = record["mode"]
+            style = {"color": MODE_COLORS[mode], "linewidth": MODE_WIDTHS[mode], "alpha": 0.8}
             train = record.get("loss_curve") or []
             val = record.get("val_curve") or []
-            ax.plot([p["step"] for p in train], [p["loss"] for p in train], color=color, label=f"{label} train")
-            ax.plot([p["step"] for p in val], [p["loss"] for p in val], color=color, linestyle="--",
-                    marker="o", markersize=3, label=f"{label} val")
+            ax.plot([p["step"] for p in train], [p["loss"] for p in train], label=f"{MODE_LABELS[mode]} train", **style)
+            ax.plot([p["step"] for p in val], [p["loss"] for p in val], linestyle="--", marker="o",
+                    markersize=2 + MODE_WIDTHS[mode], label=f"{MODE_LABELS[mode]} val", **style)
         ax.set_title(EXPERIMENT_LABELS.get(experiment, str(experiment)))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")

@@ -78,7 +78,16 @@ def training_results(experiment, mode, *, seed, device, precision, index):
         "seed": seed, "device": device, "precision": precision,
         "s_ratio": 0.55 if analysed else None, "k_ratio": 0.3 if analysed else None,
         "gray_ratio": 0.15 if analysed else None,
-        "reversible": {"status": "active", "reason": "fused loss + selective recompute"} if mode == "reversible" else None,
+        "bytes_kept_for_backward": {
+            "activation_bytes": int((40.0 if mode != "reversible" else 9.5) * 2**20),
+            "grad_buffer_bytes": 16384 if mode == "reversible" else 0,
+        },
+        "reversible": {
+            "status": "active", "reason": None, "decoder_layers": "gpt_neox.layers", "num_layers": 2,
+            "loss": "fused_linear_cross_entropy", "loss_chunk_size": 1024,
+            "plan": {"policy": "analysis", "recompute_flops_fraction": 0.25,
+                     "recomputed_ops": {"mlp.dense_h_to_4h:aten.addmm.default": 2}},
+        } if mode == "reversible" else None,
         "versions": versions(), "hyperparameters": _hyperparameters(experiment),
     }
 

@@ -70,6 +70,9 @@ def test_card_body_shows_every_number_from_the_results(run_dir):
             assert table_row(card, title, label) == expected
     assert "Measured on cpu (fp32). Peak memory: bytes kept for backward after one forward (CPU)." in card
     assert "| Fine-tune | 40.0 MB | 9.5 MB | 76.2% |" in card  # 1 - 9.5 / 40
+    assert ("BWSK Reversible mode status: active; loss: fused_linear_cross_entropy; recomputed in backward: "
+            "`mlp.dense_h_to_4h:aten.addmm.default` x2; recompute FLOPs fraction: 0.250; the fused loss's "
+            "weight-gradient buffer (16.0 KB, the `.grad` backward allocates anyway)") in card
     assert "| S | 110 | 55.0% | 50.0% | 62.0% | 67.8% |" in card
     assert 'from_pretrained(repo, subfolder="finetune-conventional")' in card and 'repo = "tester/bwsk-tiny"' in card
     assert "| learning_rate | 5e-05 | 0.0003 |" in card
