@@ -185,6 +185,9 @@ def _who(api, token: str) -> str:
             raise BWSKError(f"the Hugging Face token was rejected by {api.endpoint} (401); "
                             "pass a valid token with write access") from None
         raise BWSKError(f"could not check the token at {api.endpoint} (HTTP {status}); retry later") from None
+    except Exception as error:  # the HTTP client's transport errors: refused, DNS, timeout
+        raise BWSKError(f"could not reach {api.endpoint} ({type(error).__name__}: {error}); "
+                        "check HF_ENDPOINT and the network") from error
 
 
 def _remote_step(step: str, call, repo_id: str):
@@ -198,9 +201,9 @@ def _remote_step(step: str, call, repo_id: str):
         server_says = (error.server_message or str(error)).strip().splitlines()[0]
         raise BWSKError(f"push to {repo_id} failed during {step} (HTTP {status}: {server_says}); "
                         "nothing was committed, run the push again") from None
-    except RuntimeError as error:  # huggingface_hub wraps failed LFS uploads in RuntimeError
-        raise BWSKError(f"push to {repo_id} failed during {step} ({error}); "
-                        "nothing was committed, run the push again") from None
+    except Exception as error:  # failed LFS uploads (wrapped in RuntimeError), transport errors
+        raise BWSKError(f"push to {repo_id} failed during {step} ({type(error).__name__}: {error}); "
+                        "nothing was committed, run the push again") from error
 
 
 def _refuse_token_in_files(files: list[RepoFile], token: str) -> None:

@@ -102,6 +102,17 @@ def test_missing_token_fails_before_any_request(run_dir, hf_home, hub):
     assert hub.state.requests == []
 
 
+def test_unreachable_hub_is_a_one_line_error(run_dir, hf_home):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(BWSKError, match=f"could not reach {closed}") as caught:
+        push(run_dir, "tester/bwsk-tiny", token=TOKEN, endpoint=closed)
+    assert "\n" not in str(caught.value)
+
+
 def test_rejected_token_stops_before_upload_and_is_never_shown(run_dir, hf_home, hub, caplog, capsys):
     bad_token = "hf_rejected_secret_token_987654"
     caplog.set_level(logging.DEBUG)
