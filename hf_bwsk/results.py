@@ -1,0 +1,103 @@
+"""The grid's ``results.json`` and the tables the runner prints (the cards' layout).
+
+Schema: ``docs/RESULTS_FORMAT.md``.
+"""
+
+import math
+from datetime import datetime, timezone
+
+from .run_dir import EXPERIMENTS, MODES
+
+EXPERIMENT_TITLES = {"finetune": "Fine-tune", "scratch": "From Scratch"}
+MODE_TITLES = {"conventional": "Conventional", "analyzed": "BWSK Analyzed", "reversible": "BWSK Reversible"}
+TABLE_COLUMNS = ("Mode", "Final Loss", "Val PPL", "Test PPL", "Peak Memory", "Time", "Epochs")
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp of a token-weighted mean negative log-likelihood (inf where exp overflows)."""
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
+
+
+def assemble_results(*, preset, runs: list[dict], analysis, params: int, seed: int, device: str,
+                     versions: dict, dataset: dict, hyperparameters: dict) -> dict:
+    """``results.json`` of one grid: the model, its S/K analysis, the runs and their provenance."""
+    ratios = analysis.ratios(by="count")
+    return {
+        "model_name": preset.model_name,
+        "slug": preset.slug,
+        "hf_id": preset.hf_id,
+        "arch_family": preset.arch_family,
+        "params_m": round(params / 1e6, 3),
+        "s_ratio": ratios["S"],
+        "k_ratio": ratios["K"],
+        "gray_ratio": ratios["Gray"],
+        "analysis": analysis.summary(),
+        "runs": runs,
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+        "preset": preset.name,
+        "device": device,
+        "versions": versions,
+        "dataset": dataset,
+        "hyperparameters": hyperparameters,
+    }
+
+
+def _number(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _memory(megabytes) -> str:
+    if megabytes is None:
+        return "n/a"
+    return f"{megabytes / 1024:.2f} GB" if megabytes >= 1024 else f"{megabytes:.1f} MB"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def _row(run: dict) -> list[str]:
+    epochs = _number(run.get("epochs_completed"), "g") + (" (early stop)" if run.get("early_stopped") else "")
+    return [
+        MODE_TITLES[run["mode"]],
+        _number(run.get("final_train_loss"), ".4f"),
+        _number(run.get("best_val_metric"), ".2f"),
+        _number(run.get("test_metric"), ".2f"),
+        _memory(run.get("peak_memory_mb")),
+        _duration(run.get("wall_time_s")),
+        epochs,
+    ]
+
+
+def memory_saving(runs: list[dict], experiment: str) -> float | None:
+    """Fraction of peak memory the reversible run saved against the conventional one, if both ran."""
+    peaks = {run["mode"]: run.get("peak_memory_mb") for run in runs if run["experiment"] == experiment}
+    conventional, reversible = peaks.get("conventional"), peaks.get("reversible")
+    if not conventional or reversible is None:
+        return None
+    return 1 - reversible / conventional
+
+
+def format_tables(results: dict) -> str:
+    """Markdown tables per experiment (Mode, Final Loss, Val PPL, Test PPL, Peak Memory, Time,
+    Epochs) and the reversible-vs-conventional memory saving, as on the model cards."""
+    lines = []
+    for experiment in EXPERIMENTS:
+        runs = sorted((run for run in results["runs"] if run["experiment"] == experiment),
+                      key=lambda run: MODES.index(run["mode"]))
+        if not runs:
+            continue
+        lines += [f"### {EXPERIMENT_TITLES[experiment]} ({results['model_name']}, preset {results['preset']})", ""]
+        lines.append("| " + " | ".join(TABLE_COLUMNS) + " |")
+        lines.append("|" + "---|" * len(TABLE_COLUMNS))
+        lines += ["| " + " | ".join(_row(run)) + " |" for run in runs]
+        saving = memory_saving(results["runs"], experiment)
+        if saving is not None:
+            peaks = {run["mode"]: run["peak_memory_mb"] for run in runs}
+            lines += ["", f"Memory savings (reversible vs conventional): {_memory(peaks['conventional'])} -> "
+                          f"{_memory(peaks['reversible'])} ({100 * saving:.1f}% saved, {runs[0].get('peak_memory_kind')})"]
+        lines.append("")
+    return "\n".join(lines)
