@@ -81,7 +81,8 @@ def load_text_files(files: dict[str, str], block_size: int):
         if not Path(path).is_file():
             raise BWSKError(f"--{split}_file {path} does not exist; pass a readable text file")
         if Path(path).stat().st_size == 0:
-            raise BWSKError(f"--{split}_file {path} is empty; one block of block_size {block_size} needs {block_size} tokens")
+            raise BWSKError(
+                f"--{split}_file {path} is empty; one block of block_size {block_size} needs {block_size} tokens")
     return datasets.load_dataset("text", data_files=dict(files), keep_linebreaks=True, keep_in_memory=True)
 
 

@@ -56,11 +56,12 @@ PROTOCOL_DEFAULTS = {
 
 
 def _split_list(value, valid: tuple[str, ...], flag: str, aliases: dict[str, str] | None = None) -> tuple[str, ...]:
-    items = value if isinstance(value, (list, tuple)) else [item for item in str(value).split(",")]
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     names = tuple((aliases or {}).get(item.strip(), item.strip()) for item in items if item.strip())
     unknown = [name for name in names if name not in valid]
     if unknown or not names:
-        raise BWSKError(f"--{flag} {value!r}: unknown {', '.join(unknown) or 'empty list'}; valid values: {', '.join(valid)}")
+        found = ", ".join(unknown) or "empty list"
+        raise BWSKError(f"--{flag} {value!r}: unknown {found}; valid values: {', '.join(valid)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -108,13 +109,20 @@ class ExperimentArguments:
         local = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
         if any(local.values()) and not all(local.values()):
             missing = ", ".join(f"--{split}_file" for split, path in local.items() if not path)
-            raise BWSKError(f"local data needs all three of --train_file, --validation_file, --test_file; add {missing}")
-        if self.early_stopping_patience < 1:
-            raise BWSKError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+            raise BWSKError(
+                f"local data needs all three of --train_file, --validation_file, --test_file; add {missing}")
+        for name, minimum in (("early_stopping_patience", 1), ("max_epochs", 1), ("block_size", 2),
+                              ("torch_threads", 1), ("scratch_learning_rate", 0)):
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise BWSKError(f"--{name} must be >= {minimum}, got {value}")
 
     @property
     def local_files(self) -> dict[str, str] | None:
-        return {"train": self.train_file, "validation": self.validation_file, "test": self.test_file} if self.train_file else None
+        """Split -> local text file, or None when the preset's data is used."""
+        if not self.train_file:
+            return None
+        return {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
 
 
 def parse_arguments(presets: dict[str, Preset], args: list[str] | None = None):
@@ -144,7 +152,8 @@ def _defaults(preset: Preset) -> dict:
     # group when told to use the CPU; otherwise each process trains alone and all of them write.
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # AMP float16 only where it exists: CUDA.
-    return {**PROTOCOL_DEFAULTS, "fp16": cuda, "use_cpu": several_processes and not cuda, **preset.training_defaults()}
+    return {**PROTOCOL_DEFAULTS, "fp16": cuda, "dataloader_pin_memory": cuda,
+            "use_cpu": several_processes and not cuda, **preset.training_defaults()}
 
 
 def main(presets: dict[str, Preset], args: list[str] | None = None) -> dict | None:
@@ -161,6 +170,7 @@ def main(presets: dict[str, Preset], args: list[str] | None = None) -> dict | No
         raise SystemExit(2) from None
     if training_args.process_index == 0:
         print(format_tables(results))
+        print(f"Results: {Path(training_args.output_dir) / 'results.json'}")
         return results
     return None
 
@@ -174,7 +184,7 @@ def run_experiment(preset: Preset, args: ExperimentArguments, training_args: BWS
     if training_args.push_to_hub:
         _check_push(args, training_args)
     run_dir = _prepare_run_dir(preset, args, training_args)
-    with _torch_threads(args.torch_threads or preset.torch_threads):
+    with _torch_threads(_given_or(args.torch_threads, preset.torch_threads)):
         return _run_grid(preset, args, training_args, run_dir, callbacks)
 
 
@@ -193,7 +203,7 @@ def _torch_threads(count: int | None):
 def _run_grid(preset, args, training_args, run_dir, callbacks) -> dict:
     from transformers import AutoConfig
 
-    block_size = args.block_size or preset.block_size
+    block_size = _given_or(args.block_size, preset.block_size)
     corpus = _tiny_corpus_files(preset, args, run_dir, training_args)
     base, tokenizer, make_tiny_base = _base_and_tokenizer(preset, args, run_dir, corpus, block_size)
     blocks, dataset = _experiment_data(preset, args, corpus, tokenizer, block_size, training_args)
@@ -203,9 +213,9 @@ def _run_grid(preset, args, training_args, run_dir, callbacks) -> dict:
         run_dir=run_dir, training_args=training_args, slug=preset.slug, base=base,
         config=AutoConfig.from_pretrained(base), tokenizer=tokenizer, blocks=blocks, block_size=block_size,
         learning_rates={"finetune": training_args.learning_rate,
-                        "scratch": args.scratch_learning_rate or preset.scratch_learning_rate},
-        max_epochs=args.max_epochs or preset.max_epochs, early_stopping_patience=args.early_stopping_patience,
-        resume=args.resume, callbacks=tuple(callbacks),
+                        "scratch": _given_or(args.scratch_learning_rate, preset.scratch_learning_rate)},
+        max_epochs=_given_or(args.max_epochs, preset.max_epochs),
+        early_stopping_patience=args.early_stopping_patience, resume=args.resume, callbacks=tuple(callbacks),
     )
     runs = [train_variant(grid, experiment, mode) for experiment in args.experiments for mode in args.modes]
     results = _results(preset, args, grid, runs, dataset)
@@ -338,9 +348,17 @@ def _results(preset, args, grid, runs, dataset) -> dict:
         hyperparameters["tiny_base"] = {"vocab_size": preset.base.vocab_size,
                                         "pretrain_epochs": preset.base.pretrain_epochs,
                                         "pretrain_learning_rate": preset.base.pretrain_learning_rate}
-    return assemble_results(preset=preset, runs=runs, analysis=analysis, params=params, seed=training_args.seed,
-                            device=device_description(), versions=versions(), dataset=dataset,
-                            hyperparameters=hyperparameters)
+    # A --base_model other than the preset's names the model; a local directory has no Hub id.
+    model_name = Path(args.base_model).name if args.base_model else preset.model_name
+    hf_id = None if Path(grid.base).exists() else grid.base
+    return assemble_results(preset=preset, model_name=model_name, hf_id=hf_id, runs=runs, analysis=analysis,
+                            params=params, seed=training_args.seed, device=device_description(), versions=versions(),
+                            dataset=dataset, hyperparameters=hyperparameters)
+
+
+def _given_or(value, default):
+    """A flag's value, or the preset's when the flag was not given (0 is a given value)."""
+    return default if value is None else value
 
 
 def _plain(value):

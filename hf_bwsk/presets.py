@@ -53,11 +53,6 @@ class Preset:
     # and on a busy CPU the extra threads' spin-waiting made a tiny Mamba step 80x slower here.
     torch_threads: int | None = None
 
-    @property
-    def hf_id(self) -> str | None:
-        """The base model's Hub id, or None when the base is made offline."""
-        return self.base if isinstance(self.base, str) else None
-
     def training_defaults(self) -> dict:
         """``TrainingArguments`` values this preset sets unless the user gives them."""
         return {

@@ -18,14 +18,17 @@ def perplexity(mean_nll: float) -> float:
     return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
-def assemble_results(*, preset, runs: list[dict], analysis, params: int, seed: int, device: str,
-                     versions: dict, dataset: dict, hyperparameters: dict) -> dict:
-    """``results.json`` of one grid: the model, its S/K analysis, the runs and their provenance."""
+def assemble_results(*, preset, model_name: str, hf_id: str | None, runs: list[dict], analysis, params: int,
+                     seed: int, device: str, versions: dict, dataset: dict, hyperparameters: dict) -> dict:
+    """``results.json`` of one grid: the model, its S/K analysis, the runs and their provenance.
+
+    ``hf_id`` is the Hub id of the fine-tune base, None when it came from a local directory.
+    """
     ratios = analysis.ratios(by="count")
     return {
-        "model_name": preset.model_name,
+        "model_name": model_name,
         "slug": preset.slug,
-        "hf_id": preset.hf_id,
+        "hf_id": hf_id,
         "arch_family": preset.arch_family,
         "params_m": round(params / 1e6, 3),
         "s_ratio": ratios["S"],
@@ -97,7 +100,8 @@ def format_tables(results: dict) -> str:
         saving = memory_saving(results["runs"], experiment)
         if saving is not None:
             peaks = {run["mode"]: run["peak_memory_mb"] for run in runs}
+            kind = runs[0].get("peak_memory_kind")
             lines += ["", f"Memory savings (reversible vs conventional): {_memory(peaks['conventional'])} -> "
-                          f"{_memory(peaks['reversible'])} ({100 * saving:.1f}% saved, {runs[0].get('peak_memory_kind')})"]
+                          f"{_memory(peaks['reversible'])} ({100 * saving:.1f}% saved, {kind})"]
         lines.append("")
     return "\n".join(lines)

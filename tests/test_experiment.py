@@ -226,7 +226,7 @@ def test_grid_records(grid):
         assert run_record["hyperparameters"]["learning_rate"] == expected_lr
     finetune, scratch = (next(r for r in results["runs"] if r["variant"] == v)
                          for v in ("finetune-conventional", "scratch-conventional"))
-    assert finetune["test_metric"] < scratch["test_metric"], "the pretrained base should give the fine-tune a head start"
+    assert finetune["test_metric"] < scratch["test_metric"], "the pretrained base should give fine-tuning a head start"
 
 
 @pytest.mark.slow
@@ -256,6 +256,37 @@ def test_saved_variant_loads_and_test_perplexity_is_token_weighted(grid):
     assert math.exp(total_nll / tokens) == pytest.approx(record["test_metric"], rel=1e-4)
     best = min(point["loss"] for point in record["val_curve"])
     assert record["best_val_loss"] == pytest.approx(best)
+
+
+@pytest.mark.slow
+def test_a_given_base_model_and_local_text_files(grid, tmp_path):
+    """The full preset's path (a ready base model, no tiny corpus) with --base_model and --*_file."""
+    out, _ = grid
+    base = out / "checkpoints" / "tiny-base"
+    files = [item for split in SPLITS for item in (f"--{split}_file", str(out / "checkpoints" / "tiny-corpus" /
+                                                                          f"{split}.txt"))]
+    results = run(tmp_path / "run", "--preset", "full", "--base_model", str(base), *files, "--block_size", "32",
+                  "--max_epochs", "1", "--experiments", "finetune", "--modes", "conventional", "--learning_rate",
+                  "5e-4", "--logging_steps", "2", "--per_device_train_batch_size", "8", "--torch_threads", "1")
+    assert (results["model_name"], results["hf_id"], results["preset"]) == ("tiny-base", None, "full")
+    assert results["hyperparameters"]["base_model"] == str(base)
+    assert results["dataset"]["source"] == "local" and results["dataset"]["files"]["test"].endswith("test.txt")
+    assert not (tmp_path / "run" / "checkpoints" / "tiny-corpus").exists(), "no tiny corpus when none is needed"
+    losses = [point["loss"] for point in results["runs"][0]["loss_curve"]]
+    assert losses[-1] < losses[0], losses
+    saved = (tmp_path / "run" / "finetune-conventional" / "tokenizer.json").read_text()
+    assert saved == (base / "tokenizer.json").read_text(), "every variant ships the base model's tokenizer"
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_a_variant_that_stops_improving(tmp_path):
+    # A zero learning rate keeps the weights, hence the validation loss, exactly as they were.
+    results = run(tmp_path, "--experiments", "scratch", "--modes", "conventional", "--scratch_learning_rate", "0",
+                  "--max_epochs", "5", "--early_stopping_patience", "1")
+    record = results["runs"][0]
+    assert [point["epoch"] for point in record["val_curve"]] == [1, 2], record["val_curve"]
+    assert record["early_stopped"] and record["epochs_completed"] == 2
+    assert record["hyperparameters"]["learning_rate"] == 0 and results["hyperparameters"]["max_epochs"] == 5
 
 
 class Interrupt(TrainerCallback):
@@ -319,3 +350,45 @@ def test_interrupted_run_resumes_to_the_same_results(grid, resumed):
         "only the interrupted variant trains again, from its last checkpoint")
     expected = next(r for r in grid_results["runs"] if r["variant"] == "scratch-bwsk-reversible")
     assert_same_record(results["runs"][1], expected, "scratch-bwsk-reversible, interrupted and resumed")
+
+
+# -- publishing ------------------------------------------------------------------------------------
+
+HUB_TOKEN = "hf_test_write_token_0123456789"
+# huggingface_hub's LFS upload hands httpx2 a file object through ``data=``; httpx2 asks for ``content=``.
+tolerate_httpx_upload_warning = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning:httpx2")
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    from hub_server import HubServer, point_hf_at
+
+    with HubServer({HUB_TOKEN: "tester"}) as server:
+        point_hf_at(server, monkeypatch, tmp_path / "hf_home")
+        yield server
+
+
+@tolerate_httpx_upload_warning
+def test_rejected_token_stops_a_push_run_before_any_work(hub, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(BWSKError, match="token was rejected"):
+        run(out, "--push_to_hub", "true", "--hub_repo_id", "tester/grid", "--hub_token", "hf_wrong")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@tolerate_httpx_upload_warning
+def test_push_publishes_the_grid_as_one_commit(grid, hub, tmp_path):
+    """--push_to_hub: one commit of the six variants, card and results at the end; no variant pushes alone."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(grid[0], out)
+    run(out, "--resume", "true", "--push_to_hub", "true", "--hub_repo_id", "tester/grid", "--hub_token", HUB_TOKEN)
+    assert hub.commit_count("tester/grid") == 2, "the repo's initial commit plus one commit holding everything"
+    remote = sorted(hub.files("tester/grid"))
+    assert {"README.md", "results.json"} <= set(remote)
+    for name in VARIANTS:
+        assert f"{name}/model.safetensors" in remote and f"{name}/training_results.json" in remote
+    assert not [path for path in remote if path.startswith("checkpoints/") or path.endswith(".bin")], remote
+    assert sorted(repo for repo in hub.state.repos) == ["tester/grid"], "a variant's Trainer pushed on its own"
