@@ -17,15 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BWSKError
+from .run_dir import EXPERIMENTS, MODES, VARIANTS, variant_name
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENTS = ("finetune", "scratch")
-MODES = ("conventional", "analyzed", "reversible")
 EXPERIMENT_LABELS = {"finetune": "Fine-tune", "scratch": "From Scratch"}
 MODE_LABELS = {"conventional": "Conventional", "analyzed": "BWSK Analyzed", "reversible": "BWSK Reversible"}
-MODE_FOLDERS = {"conventional": "conventional", "analyzed": "bwsk-analyzed", "reversible": "bwsk-reversible"}
-VARIANTS = tuple(f"{experiment}-{MODE_FOLDERS[mode]}" for experiment in EXPERIMENTS for mode in MODES)
 
 LOSS_PLOT = "plots/loss_curves.png"
 MEMORY_PLOT = "plots/peak_memory.png"
@@ -35,11 +32,6 @@ MEMORY_KINDS = {
     "cpu_bytes_kept_for_backward": "bytes kept for backward after one forward (CPU)",
 }
 PROJECT_TAGS = ("bwsk", "combinator-analysis", "reversible-backprop", "convergence-training")
-
-
-def variant_folder(experiment: str, mode: str) -> str:
-    """Folder of one variant in a run directory and in the Hub repo, e.g. ``finetune-bwsk-reversible``."""
-    return f"{experiment}-{MODE_FOLDERS[mode]}"
 
 
 def variant_label(experiment: str | None, mode: str) -> str:
@@ -62,7 +54,7 @@ class Run:
         return self.results["slug"]
 
     def variant(self, experiment: str, mode: str) -> dict:
-        return self.variants[variant_folder(experiment, mode)]
+        return self.variants[variant_name(experiment, mode)]
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -83,7 +75,7 @@ def load_run(run_dir: str | Path) -> Run:
     variants = {}
     for experiment in EXPERIMENTS:
         for mode in MODES:
-            folder = variant_folder(experiment, mode)
+            folder = variant_name(experiment, mode)
             record = read_json(run_dir / folder / "training_results.json",
                                f"variant {folder} is incomplete; finish or re-run it before publishing")
             if (record.get("experiment"), record.get("mode")) != (experiment, mode):
