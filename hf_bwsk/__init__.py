@@ -28,11 +28,13 @@ _EXPORTS = {
     "BWSKTrainingArguments": "training_args",
     "BWSKTrainer": "trainer",
     "BWSKCallback": "callback",
+    "update_training_results": "callback",
     "render_card": "cards",
     "write_card": "cards",
     "render_variant_card": "cards",
     "assemble": "hub",
     "push": "hub",
+    "check_token": "hub",
 }
 
 __all__ = ["BWSKError", "__version__", *_EXPORTS]
