@@ -42,7 +42,6 @@ MODES = (
     "bwsk_reversible_budget",
 )
 SEED = 0
-ANALYSIS_SEQ_LEN = 64
 _MB = 2**20
 _MATMUL_OPS = [
     torch.ops.aten.mm.default,
@@ -73,7 +72,7 @@ def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int, device: torc
 
 def apply_mode(mode: str, model, batch: dict, budget: int | None):
     """Switch `model` to `mode`; returns the ReversibleMode for the bwsk modes (else None)."""
-    from hf_bwsk.analysis import analyze, find_decoder_layers
+    from hf_bwsk.analysis import find_decoder_layers
     from hf_bwsk.reversible import ReversibleMode
 
     if mode == "hf_checkpointing":
@@ -88,7 +87,7 @@ def apply_mode(mode: str, model, batch: dict, budget: int | None):
             activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
     elif mode.startswith("bwsk_reversible"):
         reversible = ReversibleMode(
-            model, report=analyze(model, seq_len=ANALYSIS_SEQ_LEN, batch_size=1), find_layers=find_decoder_layers,
+            model, find_layers=find_decoder_layers,
             memory_budget_bytes=budget if mode == "bwsk_reversible_budget" else None,
         )
         reversible.install_forward()

@@ -1,5 +1,13 @@
 """Which activations the decoder layers keep for backward and which they recompute, from the analysis.
 
+The plan is read off the analysis' own records (`hf_bwsk.analysis.trace`): their S/K kinds, their
+data flow (`OpRecord.producers`), widths and FLOPs. Ops are keyed by `OpKey` = (layer index, module
+path relative to the layer, op name, occurrence of that (path, op) pair within the layer call), the
+key a checkpoint policy can rebuild at run time from module hooks alone. Global op ordinals would
+not do: the checkpointed step and the trace take different aten paths around identities, and
+recurrent scans run one op group per token, so ordinals shift; a (module, op, occurrence) key is
+stable across them for every op outside such loops.
+
 Under selective activation checkpointing every op in a layer is either kept (its output cached in
 the forward) or recomputed in backward from the layer input and the kept outputs. The cost of a
 plan is the bytes it keeps and the FLOPs it recomputes. Cheap element-wise and view ops cost ~0
@@ -21,11 +29,19 @@ convolutions, attention):
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from .analysis.records import OpRecord
 from .errors import BWSKError
-from .layer_trace import LayerOp, OpKey
+
+
+class OpKey(NamedTuple):
+    layer: int
+    path: str
+    op: str
+    occurrence: int
 
 
 @dataclass(frozen=True)
@@ -64,45 +80,75 @@ class RecomputePlan:
         }
 
 
-def feeds_k_op(ops: list[LayerOp], index: int, kinds: dict[OpKey, str]) -> bool:
-    """Whether op `index`'s output reaches a K op through S ops and views/copies only."""
-    pending, seen = list(ops[index].consumers), set()
+def layer_ops(records: list[OpRecord]) -> dict[int, OpKey]:
+    """The `OpKey` of every record run inside a decoder layer, by record index.
+
+    Occurrences count per layer call, so the records must come from one forward (each layer once).
+    """
+    seen: Counter = Counter()
+    keys = {}
+    for record in records:
+        if record.layer is None:
+            continue
+        group = (record.layer, record.path_in_layer or "", record.op)
+        keys[record.index] = OpKey(*group, seen[group])
+        seen[group] += 1
+    return keys
+
+
+def feeds_k_op(records: dict[int, OpRecord], consumers: dict[int, list[int]], index: int) -> bool:
+    """Whether record `index`'s output reaches a K op through S ops and views/casts only."""
+    pending, seen = list(consumers[index]), set()
     while pending:
         consumer = pending.pop()
         if consumer in seen:
             continue
         seen.add(consumer)
-        op = ops[consumer]
-        kind = kinds.get(op.key)
+        record = records[consumer]
         # Relabelling ops carry the tensor on whatever the analysis calls them (a split is lossless
         # taken together, though each slice alone drops elements).
-        if op.structural:
-            pending.extend(op.consumers)
-        elif kind == "K":
+        if record.relabels or (record.kind == "S" and record.flops == 0):
+            pending.extend(consumers[consumer])
+        elif record.kind == "K":
             return True
-        elif kind == "S" and not op.expensive:
-            pending.extend(op.consumers)
     return False
 
 
-def _widens(op: LayerOp) -> bool:
-    return 0 < op.activation_input_numel < op.output_numel
+def _widens(record: OpRecord) -> bool:
+    return 0 < record.activation_input_numel < sum(_numel(shape) for shape in record.output_shapes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
 
 
 def plan_recompute(
-    ops: list[LayerOp], layer_input_bytes: list[int], kinds: dict[OpKey, str], budget_bytes: int | None = None
+    records: list[OpRecord], layer_input_bytes: list[int], budget_bytes: int | None = None, *, batch_size: int = 1
 ) -> RecomputePlan:
-    """The plan for ops traced by `layer_trace.trace_layer_ops` (see the module docstring).
+    """The plan for the records of one traced forward (see the module docstring).
 
-    `kinds` maps op keys to the analysis' "S"/"K"/"Gray"; keys it lacks count as unknown. A
-    `budget_bytes` below the layer inputs (the least any checkpointing keeps) is a `BWSKError`.
+    Only records inside the decoder layers take part; the data flow is followed within them. The
+    records may trace one sequence of a `batch_size` batch (`layer_input_bytes` too): bytes are
+    scaled to the batch. A `budget_bytes` below the layer inputs (the least any checkpointing
+    keeps) is a `BWSKError`.
     """
-    expensive = [i for i, op in enumerate(ops) if op.expensive]
-    minimum = sum(layer_input_bytes)
-    keep_all = minimum + sum(ops[i].output_bytes for i in expensive)
-    layer_flops = sum(ops[i].flops for i in expensive)
+    keys = layer_ops(records)
+    by_index = {record.index: record for record in records if record.index in keys}
+    consumers: dict[int, list[int]] = defaultdict(list)
+    for record in by_index.values():
+        for producer in record.producers:
+            if producer in by_index:
+                consumers[producer].append(record.index)
+    expensive = [index for index, record in by_index.items() if record.flops > 0]
+    size = {index: by_index[index].output_bytes * batch_size for index in expensive}
+    minimum = sum(layer_input_bytes) * batch_size
+    keep_all = minimum + sum(size.values())
+    layer_flops = sum(by_index[i].flops for i in expensive)
     if budget_bytes is None:
-        recompute = {i for i in expensive if _widens(ops[i]) and feeds_k_op(ops, i, kinds)}
+        recompute = {i for i in expensive if _widens(by_index[i]) and feeds_k_op(by_index, consumers, i)}
         keep = [i for i in expensive if i not in recompute]
         keep_unseen = True
     else:
@@ -112,20 +158,20 @@ def plan_recompute(
                 "inputs of this batch, kept even when everything is recomputed): raise it to at least that"
             )
         keep, spent = [], minimum
-        for i in sorted(expensive, key=lambda i: -ops[i].flops / max(ops[i].output_bytes, 1)):
-            if spent + ops[i].output_bytes <= budget_bytes:
+        for i in sorted(expensive, key=lambda i: -by_index[i].flops / max(size[i], 1)):
+            if spent + size[i] <= budget_bytes:
                 keep.append(i)
-                spent += ops[i].output_bytes
+                spent += size[i]
         recompute = set(expensive) - set(keep)
         keep_unseen = False
     return RecomputePlan(
-        keep=frozenset(ops[i].key for i in keep),
-        recompute=frozenset(ops[i].key for i in recompute),
+        keep=frozenset(keys[i] for i in keep),
+        recompute=frozenset(keys[i] for i in recompute),
         keep_unseen_expensive=keep_unseen,
-        kept_bytes=minimum + sum(ops[i].output_bytes for i in keep),
+        kept_bytes=minimum + sum(size[i] for i in keep),
         minimum_bytes=minimum,
         keep_all_bytes=keep_all,
-        recompute_flops=sum(ops[i].flops for i in recompute),
+        recompute_flops=sum(by_index[i].flops for i in recompute),
         layer_flops=layer_flops,
         budget_bytes=budget_bytes,
     )

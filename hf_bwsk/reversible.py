@@ -5,8 +5,9 @@ Two mechanisms, both torch's or transformers' own:
 * Every decoder layer is checkpointed by HF's activation checkpointing (the layers are
   `GradientCheckpointingLayer`s) with non-reentrant `torch.utils.checkpoint` and a `context_fn`
   from `create_selective_checkpoint_contexts`. Its policy keeps or recomputes each op as the
-  `RecomputePlan` says (`recompute_plan.py`), the plan being derived from the S/K analysis and the
-  layer data flow traced on the first training batch (`layer_trace.py`).
+  `RecomputePlan` says (`recompute_plan.py`), the plan being derived from the S/K analysis' records
+  of the first training batch: the analysis tracer runs once on that batch, where the training
+  runs and under its autocast, so the plan's keys, kinds, widths and bytes are the trained ones.
 * The causal-LM loss comes from `fused_linear_cross_entropy` on `model.base_model(...)`'s last
   hidden state and `model.get_output_embeddings()`, so the [tokens x vocab] logits never exist.
   This is done by giving the model *instance* a `forward` that dispatches: in training with labels
@@ -25,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -34,10 +35,11 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutput
 
+from .analysis.records import OpRecord
+from .analysis.trace import flop_formula, trace_call
 from .errors import BWSKError
-from .layer_trace import LayerOp, LayerPathTracker, OpKey, is_expensive, trace_layer_ops
 from .loss import fused_linear_cross_entropy
-from .recompute_plan import RecomputePlan, plan_recompute
+from .recompute_plan import OpKey, RecomputePlan, plan_recompute
 
 # Inputs of a training batch that the base model must not receive.
 _LOSS_ONLY_INPUTS = ("labels", "num_items_in_batch", "shift_labels", "logits_to_keep", "return_dict")
@@ -45,34 +47,56 @@ _LOSS_ONLY_INPUTS = ("labels", "num_items_in_batch", "shift_labels", "logits_to_
 _HEAD_CHECK_TOKENS = 32
 
 
-def kinds_by_key(report, layers_path: str, ops: list[LayerOp]) -> dict[OpKey, str]:
-    """The analysis' S/K/Gray kind of each traced op.
+class LayerPathTracker:
+    """Knows, while a forward runs, which decoder layer and which of its submodules is executing.
 
-    The report's trace and ours see the same aten ops of the same model, but the analysis skips
-    identities (views, copies) and may run a different sequence length. Records are therefore
-    matched per (layer, module path, op) group, in order, when both sides hold the same number of
-    them; otherwise a group whose records all agree lends that kind to all its ops, and a
-    disagreeing group stays unknown (the plan then keeps those ops' outputs).
+    The checkpoint policy sees only aten ops; these hooks give it the rest of an `OpKey`. Forward
+    hooks also fire while checkpointing recomputes a layer, so the keys agree between the forward
+    and the recompute. Hooks are registered on every submodule of every layer; `remove()` takes
+    them all away again.
     """
-    recorded: dict[tuple[int, str, str], list[str]] = defaultdict(list)
-    for record in report.records:
-        if record.layer is None:
-            continue
-        layer_path = f"{layers_path}.{record.layer}"
-        path = record.module_path[len(layer_path):].lstrip(".") if record.module_path.startswith(layer_path) else None
-        if path is not None:
-            recorded[(record.layer, path, record.op)].append(record.kind)
-    traced: dict[tuple[int, str, str], list[OpKey]] = defaultdict(list)
-    for op in ops:
-        traced[(op.key.layer, op.key.path, op.key.op)].append(op.key)
-    kinds = {}
-    for group, keys in traced.items():
-        group_kinds = recorded.get(group, [])
-        if len(group_kinds) == len(keys):
-            kinds.update(zip(keys, group_kinds))
-        elif group_kinds and len(set(group_kinds)) == 1:
-            kinds.update((key, group_kinds[0]) for key in keys)
-    return kinds
+
+    def __init__(self, layers: torch.nn.ModuleList):
+        self.layer: int | None = None
+        self._stack: list[str] = []
+        self._handles = []
+        for index, layer in enumerate(layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(index)))
+            self._handles.append(layer.register_forward_hook(self._layer_post_hook, always_call=True))
+            for name, module in layer.named_modules():
+                if name:
+                    self._handles.append(module.register_forward_pre_hook(self._push(name)))
+                    self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+
+    @property
+    def path(self) -> str:
+        """Module path of the innermost running submodule, relative to its layer ('' = the layer itself)."""
+        return self._stack[-1] if self._stack else ""
+
+    def _layer_pre_hook(self, index):
+        def hook(module, args):
+            self.layer = index
+            self._stack.clear()
+
+        return hook
+
+    def _layer_post_hook(self, module, args, output):
+        self.layer = None
+
+    def _push(self, name):
+        def hook(module, args):
+            self._stack.append(name)
+
+        return hook
+
+    def _pop(self, module, args, output):
+        if self._stack:
+            self._stack.pop()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 class _SelectivePolicy:
@@ -97,7 +121,7 @@ class _SelectivePolicy:
             seen = counts[ctx.is_recompute]
             occurrence = seen[(path, name)]
             seen[(path, name)] += 1
-            keep = self.plan.keeps(OpKey(layer, path, name, occurrence), is_expensive(func))
+            keep = self.plan.keeps(OpKey(layer, path, name, occurrence), flop_formula(func) is not None)
             return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
         return create_selective_checkpoint_contexts(policy)
@@ -108,7 +132,7 @@ class ReversibleMode:
 
     Usage (what `BWSKTrainer` does)::
 
-        mode = ReversibleMode(model, report=sk_report, find_layers=find_decoder_layers)
+        mode = ReversibleMode(model, find_layers=find_decoder_layers)
         mode.install_forward()          # before accelerate wraps model.forward
         mode.setup(first_batch)         # on the first training step
         ...train...
@@ -116,7 +140,6 @@ class ReversibleMode:
 
     Args:
         model: the (unwrapped) causal-LM `PreTrainedModel`.
-        report: the S/K report of this model (`hf_bwsk.analysis.analyze`), whose op kinds drive the plan.
         find_layers: `model -> (path, ModuleList)` of the decoder layers (`find_decoder_layers`).
         loss_chunk_size: tokens per chunk of the fused loss.
         memory_budget_bytes: optional byte budget for what the layers keep (see `plan_recompute`).
@@ -126,13 +149,11 @@ class ReversibleMode:
         self,
         model: torch.nn.Module,
         *,
-        report,
         find_layers: Callable[[torch.nn.Module], tuple[str, torch.nn.ModuleList]],
         loss_chunk_size: int = 1024,
         memory_budget_bytes: int | None = None,
     ):
         self.model = model
-        self.report = report
         self.find_layers = find_layers
         self.loss_chunk_size = loss_chunk_size
         self.memory_budget_bytes = memory_budget_bytes
@@ -189,7 +210,7 @@ class ReversibleMode:
     # --- setup ---------------------------------------------------------------------------------
 
     def setup(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Check support, trace the layers on `batch`, plan, and switch checkpointing on.
+        """Check support, analyze the forward on `batch`, plan, and switch checkpointing on.
 
         Run it under the autocast the training uses, so the traced ops are the trained ones. Raises
         `BWSKError` for a memory budget below the minimum, before any step runs.
@@ -210,10 +231,8 @@ class ReversibleMode:
         if reason is not None:
             return self._fall_back(reason)
         layers_path, layers = self.find_layers(model)
-        ops, layer_input_bytes = self._trace(layers, batch)
-        plan = plan_recompute(
-            ops, layer_input_bytes, kinds_by_key(self.report, layers_path, ops), self.memory_budget_bytes
-        )
+        records, layer_input_bytes, batch_size = self._trace(layers_path, layers, batch)
+        plan = plan_recompute(records, layer_input_bytes, self.memory_budget_bytes, batch_size=batch_size)
         self.plan = plan
         self._tracker = LayerPathTracker(layers)
         self._enable_checkpointing({"use_reentrant": False, "context_fn": _SelectivePolicy(plan, self._tracker)})
@@ -274,22 +293,43 @@ class ReversibleMode:
             return "the model's loss is not HF's causal-LM cross-entropy"
         return None
 
-    def _trace(self, layers, batch) -> tuple[list[LayerOp], list[int]]:
-        """Trace the layers on the first sample of `batch` (grad on, RNG untouched), bytes scaled to the batch."""
+    def _trace(self, layers_path, layers, batch) -> tuple[list[OpRecord], list[int], int]:
+        """The analysis' records of the base model on the first sample of `batch` (train mode, RNG
+        untouched), the bytes of each layer's tensor positional inputs (what a checkpointed layer
+        keeps at the least), and the batch size the plan scales those bytes by.
+
+        One sample keeps the trace cheap: every op's output scales with the batch alone. The trace
+        runs without gradients, as the analysis does; the ops are the same.
+        """
         inputs = {key: value for key, value in batch.items() if key not in _LOSS_ONLY_INPUTS}
         first = {key: value[:1] if torch.is_tensor(value) and value.dim() > 0 else value for key, value in inputs.items()}
-        batch_size = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
+        batch_size = inputs["input_ids"].shape[0]
+        input_ids = first.pop("input_ids")
+        input_bytes = [0] * len(layers)
+
+        def hook(index):
+            def record(module, args):
+                input_bytes[index] = sum(t.numel() * t.element_size() for t in args if isinstance(t, torch.Tensor))
+
+            return record
+
+        handles = [layer.register_forward_pre_hook(hook(index)) for index, layer in enumerate(layers)]
         model = self.model
         was_training = model.training
         model.train()
         try:
             with forked_rng(next(model.parameters()).device):
-                ops, layer_input_bytes = trace_layer_ops(layers, lambda: model.base_model(**first, use_cache=False))
+                records, _ = trace_call(
+                    lambda ids: model.base_model(input_ids=ids, **first, use_cache=False),
+                    input_ids,
+                    model=model,
+                    layers_path=layers_path,
+                )
         finally:
             model.train(was_training)
-        for op in ops:
-            op.output_bytes *= batch_size
-        return ops, [size * batch_size for size in layer_input_bytes]
+            for handle in handles:
+                handle.remove()
+        return records, input_bytes, batch_size
 
     def _enable_checkpointing(self, checkpoint_kwargs: dict[str, Any]) -> None:
         self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)

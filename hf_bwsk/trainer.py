@@ -62,7 +62,6 @@ class BWSKTrainer(Trainer):
 
         self.reversible_mode = ReversibleMode(
             self.model,
-            report=self.sk_report,
             find_layers=find_decoder_layers,
             loss_chunk_size=self.args.bwsk_loss_chunk_size,
             memory_budget_bytes=self.args.bwsk_memory_budget_bytes,

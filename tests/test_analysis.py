@@ -1,5 +1,6 @@
 """End-to-end op-level analysis of tiny random-init models of every supported architecture."""
 
+import json
 import math
 
 import pytest
@@ -91,6 +92,29 @@ def test_json_round_trip(arch_report, tmp_path):
     assert loaded.to_dict() == report.to_dict()
     assert loaded.records == report.records
     assert loaded.to_table() == report.to_table()
+
+
+def test_records_carry_their_data_flow(arch_report):
+    arch, report = arch_report
+    records = report.records
+    assert all(all(p < r.index for p in r.producers) for r in records), arch
+    # Every data-path op after the embedding reads the output of an earlier data-path op.
+    data = report.data_records
+    assert all(r.producers for r in data[1:]), arch
+    assert all(r.activation_input_numel > 0 for r in data)
+
+
+def test_json_without_data_flow_fields_still_loads(arch_report, tmp_path):
+    arch, report = arch_report
+    data = report.to_dict()
+    for record in data["records"]:
+        for field in ("producers", "activation_input_numel", "relabels"):
+            del record[field]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    loaded = SKReport.from_json(path)
+    assert [r.kind for r in loaded.records] == [r.kind for r in report.records]
+    assert all(r.producers == () and r.activation_input_numel == 0 for r in loaded.records)
 
 
 def test_table_and_summary(arch_report):

@@ -8,11 +8,11 @@ from grad_compare import assert_grads_close, assert_tensors_close
 from tiny_models import ARCHS, tiny_batch, tiny_model
 from transformers import AutoModelForCausalLM, CohereConfig
 
-from hf_bwsk.analysis import analyze, find_decoder_layers
+from hf_bwsk.analysis import find_decoder_layers
 from hf_bwsk.errors import BWSKError
-from hf_bwsk.layer_trace import LayerOp, OpKey
+from hf_bwsk.analysis.records import OpRecord
 from hf_bwsk.memory import bytes_kept_for_backward
-from hf_bwsk.recompute_plan import plan_recompute
+from hf_bwsk.recompute_plan import OpKey, plan_recompute
 from hf_bwsk.reversible import ReversibleMode
 
 # Mamba's reference scan runs one op group per token on CPU: its cases take ~8 s each.
@@ -21,8 +21,7 @@ ARCH_PARAMS = [pytest.param(arch, marks=pytest.mark.slow) if arch == "mamba" els
 
 def reversible(model, batch, **kwargs):
     """`model` switched to the reversible mode, set up on `batch` (as BWSKTrainer does on step 1)."""
-    mode = ReversibleMode(model, report=analyze(model, seq_len=16, batch_size=1), find_layers=find_decoder_layers,
-                          loss_chunk_size=24, **kwargs)
+    mode = ReversibleMode(model, find_layers=find_decoder_layers, loss_chunk_size=24, **kwargs)
     mode.install_forward()
     mode.setup(batch)
     return mode
@@ -103,21 +102,21 @@ def test_teardown_leaves_the_model_as_it_was():
 
 
 def _op(index, flops, output_bytes, widening=False):
-    return LayerOp(OpKey(0, f"m{index}", "aten.mm.default", 0), flops=flops, output_bytes=output_bytes,
-                   output_numel=output_bytes // 4, activation_input_numel=output_bytes // (8 if widening else 4),
-                   structural=False)
+    return OpRecord(index, "aten.mm.default", f"layers.0.m{index}", "Linear", 0, ((output_bytes // 4,),),
+                    ((output_bytes // 4,),), output_bytes, flops, "S", "", True, frozenset(), f"m{index}",
+                    activation_input_numel=output_bytes // (8 if widening else 4))
 
 
 def test_budget_keeps_most_flops_per_byte_and_states_the_minimum():
     ops = [_op(0, flops=1000, output_bytes=100), _op(1, flops=100, output_bytes=100), _op(2, flops=900, output_bytes=50)]
-    plan = plan_recompute(ops, [40], kinds={}, budget_bytes=200)
+    plan = plan_recompute(ops, [40], budget_bytes=200)
     # Densities: op2 18/B, op0 10/B, op1 1/B. 40 (inputs) + 50 + 100 fits 200; op1 does not.
     assert {key.path for key in plan.keep} == {"m0", "m2"}
     assert {key.path for key in plan.recompute} == {"m1"}
     assert plan.kept_bytes == 190 and plan.minimum_bytes == 40
     assert not plan.keeps(OpKey(0, "unseen", "aten.mm.default", 0), expensive=True)
     with pytest.raises(BWSKError, match="below the minimum 40 bytes"):
-        plan_recompute(ops, [40], kinds={}, budget_bytes=39)
+        plan_recompute(ops, [40], budget_bytes=39)
 
 
 def test_budget_below_minimum_fails_before_training():

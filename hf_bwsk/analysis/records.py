@@ -18,6 +18,13 @@ class OpRecord:
     ids; the others (masks, rotary tables, positions) are auxiliary and stay out of the ratios.
     ``mixes`` lists the axes ("batch", "sequence", "hidden") the op reduces, contracts or mixes;
     it is filled when the traced sizes identify the axes (see `SKReport.axis_sizes`).
+
+    The data flow, for plans that follow a tensor from op to op (`recompute_plan`): ``producers``
+    are the indices of the records whose outputs this op reads (identities, which get no record,
+    are looked through); ``activation_input_numel`` counts the elements of its data-path inputs,
+    which ``input_shapes`` alone cannot tell from auxiliary ones; ``relabels`` marks views and
+    casts, which carry their input on whatever their kind says about the elements they drop or round.
+    Records saved before these fields existed load with them empty.
     """
 
     index: int
@@ -34,6 +41,9 @@ class OpRecord:
     data_path: bool
     mixes: frozenset[str]
     path_in_layer: str | None = None
+    producers: tuple[int, ...] = ()
+    activation_input_numel: int = 0
+    relabels: bool = False
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -48,4 +58,5 @@ class OpRecord:
         data["input_shapes"] = tuple(tuple(shape) for shape in data["input_shapes"])
         data["output_shapes"] = tuple(tuple(shape) for shape in data["output_shapes"])
         data["mixes"] = frozenset(data["mixes"])
+        data["producers"] = tuple(data.get("producers", ()))
         return cls(**data)

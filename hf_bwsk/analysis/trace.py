@@ -4,7 +4,8 @@ A `TorchDispatchMode` sees each aten op after autograd and composite decompositi
 pre/post hooks on every module keep a stack of the modules running, so each op is tagged with the
 innermost one. Tensors derived from the input ids are marked as activations (an attribute on the
 tensor, propagated from inputs to outputs), which tells data-path ops from auxiliary ones and lets
-the rules tell ``x * W`` from ``x * gate(x)``.
+the rules tell ``x * W`` from ``x * gate(x)``. Each record also names the records whose outputs
+it reads (its producers), so plans can follow the data flow from op to op.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import BWSKError
 from .axes import AxisSizes
@@ -34,6 +36,12 @@ _aten = torch.ops.aten
 _ITEM = _aten._local_scalar_dense.default
 # The fused CPU attention kernel has no formula of its own; it computes what the flash one does.
 _EXTRA_FLOPS = {_aten._scaled_dot_product_flash_attention_for_cpu: _aten._scaled_dot_product_flash_attention}
+
+
+def flop_formula(func):
+    """torch.utils.flop_counter's FLOP formula for an aten overload, or None for ops it counts as free."""
+    packet = func._overloadpacket
+    return flop_registry.get(_EXTRA_FLOPS.get(packet, packet))
 
 
 def _origin(value) -> int:
@@ -74,6 +82,7 @@ class _OpInfo:
     factory: bool
     random: bool
     pointwise: bool
+    relabels: bool
     flops: object
 
     @classmethod
@@ -82,16 +91,19 @@ class _OpInfo:
         packet = func._overloadpacket
         name = packet.__name__
         first = schema.arguments[0] if schema.arguments else None
+        # _unsafe_view is a view whose schema hides the alias (for autograd's sake).
+        aliased_outputs = tuple(ret.alias_info is not None or name == "_unsafe_view" for ret in schema.returns)
+        mutates_first = bool(first is not None and first.alias_info is not None and first.alias_info.is_write)
         return cls(
             op=str(func),
             name=name,
-            # _unsafe_view is a view whose schema hides the alias (for autograd's sake).
-            aliased_outputs=tuple(ret.alias_info is not None or name == "_unsafe_view" for ret in schema.returns),
-            mutates_first=bool(first is not None and first.alias_info is not None and first.alias_info.is_write),
+            aliased_outputs=aliased_outputs,
+            mutates_first=mutates_first,
             factory=name in FACTORY_OPS or name in RANDOM_OPS,
             random=name in RANDOM_OPS,
             pointwise=torch.Tag.pointwise in func.tags,
-            flops=flop_registry.get(_EXTRA_FLOPS.get(packet, packet)),
+            relabels=(any(aliased_outputs) and not mutates_first) or name == "_to_copy",
+            flops=flop_formula(func),
         )
 
 
@@ -145,6 +157,8 @@ class OpTracer(TorchDispatchMode):
         self._meta_pointwise = MetaPointwise()
         # Tensors written in place get marked, and may outlive the trace (buffers): unmarked at the end.
         self.marked_in_place: list[weakref.ref] = []
+        # Tensor -> indices of the records that produced it (several when an identity merged them).
+        self._producers = WeakIdKeyDictionary()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # The hot path of the trace (tens of thousands of calls for a reference scan): keep it lean.
@@ -162,8 +176,11 @@ class OpTracer(TorchDispatchMode):
         self._propagate(info, args, outputs, _output_origin(info, origins))
         call = OpCall(info.name, args, kwargs, out, is_activation, is_random)
         verdict = classify(call)
+        producers = self._producers_of(inputs)
         if verdict is None:
             self.skipped[info.op] += 1
+            # An identity hands its input on unchanged: its output comes from its input's producers.
+            self._set_producers(outputs, producers)
             return out
         piece = None
         if isinstance(verdict, SlicePiece):
@@ -179,10 +196,24 @@ class OpTracer(TorchDispatchMode):
             verdict.kind, verdict.reason, data_path,
             mixed_axes(call, self._axes) if data_path and self._axes is not None else NONE,
             path_in_layer,
+            producers,
+            sum(tensor.numel() for tensor in inputs if getattr(tensor, _ORIGIN, 0) == ACTIVATION),
+            info.relabels,
         ))
+        self._set_producers(outputs, (index,))
         if piece is not None:
             self._add_piece(index, piece)
         return out
+
+    def _producers_of(self, inputs: list[torch.Tensor]) -> tuple[int, ...]:
+        found = set()
+        for tensor in inputs:
+            found.update(self._producers.get(tensor, ()))
+        return tuple(sorted(found))
+
+    def _set_producers(self, outputs: list[torch.Tensor], producers: tuple[int, ...]) -> None:
+        for tensor in outputs:
+            self._producers[tensor] = producers
 
     def _run(self, func, info: _OpInfo, args, kwargs):
         if info.pointwise and self._meta_pointwise.applies(args, kwargs):
