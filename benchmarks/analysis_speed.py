@@ -12,16 +12,15 @@ machine wall time also measures the neighbours. Prints one JSON object and appen
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from provenance import ROOT, provenance
+
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Analysis speed (`benchmarks/analysis_speed.py`)"
 HEADER = (
@@ -67,11 +66,6 @@ def timed(function, *args):
     return (time.perf_counter() - wall, time.process_time() - cpu), result
 
 
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
-
-
 def append_rows(results: dict) -> None:
     """Add one row per model under this benchmark's section of docs/BENCHMARKS.md."""
     versions = results["versions"]
@@ -104,7 +98,6 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one)))
         return
-    from hf_bwsk.env import device_description, versions
 
     models = []
     for name in args.models:
@@ -112,10 +105,7 @@ def main() -> None:
         models.append(json.loads(child.stdout.strip().splitlines()[-1]))
     results = {
         "benchmark": "analysis_speed",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
-        "device": device_description(),
-        "versions": versions(),
+        **provenance(),
         "warm_repeats": WARM_REPEATS,
         # The machine may be shared: the 1-minute load average tells how contended the wall times were.
         "load_average": round(os.getloadavg()[0], 1),

@@ -19,17 +19,15 @@ Prints one JSON object and appends a table to docs/BENCHMARKS.md (device, versio
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from provenance import ROOT, provenance
+
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Memory per training mode (`benchmarks/memory.py`)"
 SHAPES = {"pythia-70m": (8, 512), "mamba-130m": (2, 256)}
@@ -164,11 +162,6 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
-
-
 def _cell(row: dict, key: str, spec: str) -> str:
     return format(row[key], spec) if key in row else "-"
 
@@ -212,7 +205,6 @@ def append_table(results: dict) -> None:
 
 
 def main() -> None:
-    from hf_bwsk.env import device_description, versions
     from hf_bwsk.training_args import parse_byte_size
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -242,14 +234,11 @@ def main() -> None:
         models.append({"model": name, "batch_size": batch_size, "seq_len": seq_len, "modes": with_ratios(rows)})
     results = {
         "benchmark": "memory",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
-        "device": device_description(),
+        **provenance(),
         "cuda": torch.cuda.is_available(),
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "seed": SEED,
-        "versions": versions(),
         "models": models,
     }
     print(json.dumps(results, indent=2))
