@@ -122,7 +122,7 @@ class BWSKTrainer(Trainer):
         base_model = finetuned_from or getattr(getattr(model, "config", None), "name_or_path", None) or None
         card = render_variant_card(
             self.args.output_dir, repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
-            base_model=base_model, license=license or "mit",
+            base_model=base_model, dataset=dataset, license=license or "mit",
         )
         Path(self.args.output_dir, "README.md").write_text(card, encoding="utf-8")
 
