@@ -22,6 +22,19 @@ convolutions, attention):
   scores before softmax). Narrowing or equal-width contractions and attention outputs are cheap to
   keep and expensive to recompute, so they are kept; a widening op that feeds attention or a gate
   (Gray) is kept too, since its consumer needs it anyway.
+
+  Not every op with FLOPs is worth its bytes, though: keeping an output saves its FLOPs per element
+  of recompute and costs its bytes, so what matters is FLOPs per output element (2 x the contraction
+  length of a matmul). The layer's own projections of its d-wide input cost 2d per element; that is
+  the exchange rate the layer sets. An op below d FLOPs per element (contracting over less than half
+  the layer width) is *narrow*: it frees bytes at under half that price, so it is recomputed like
+  a cheap op, whatever its kind. This catches the ops that contract over an inner, small dimension
+  rather than the model width: Mamba's depthwise conv (kernel 4), its low-rank dt projection
+  (dt_rank = d/16) and the per-token state contractions of its reference scan (state 16), which
+  together held most of what the plan kept, and attention over a context much shorter than the
+  width. Contractions over the layer width (attention and MLP projections, attention at context
+  >= d/2) stay above it, so transformer plans do not change. The width comes from the layer
+  input (`hidden_size`); without it no op counts as narrow.
 * Budget plan: start from full recomputation (only the layer inputs are kept, as HF activation
   checkpointing does) and keep the expensive outputs that save the most recompute FLOPs per byte
   until the byte budget is full (greedy knapsack).
@@ -118,6 +131,14 @@ def _widens(record: OpRecord) -> bool:
     return 0 < record.activation_input_numel < sum(_numel(shape) for shape in record.output_shapes)
 
 
+def _narrow(record: OpRecord, hidden_size: int | None) -> bool:
+    """Whether the op spends fewer FLOPs per output element than the layer width (see the module docstring)."""
+    if not hidden_size:
+        return False
+    elements = sum(_numel(shape) for shape in record.output_shapes)
+    return elements > 0 and record.flops < hidden_size * elements
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     total = 1
     for size in shape:
@@ -126,14 +147,20 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def plan_recompute(
-    records: list[OpRecord], layer_input_bytes: list[int], budget_bytes: int | None = None, *, batch_size: int = 1
+    records: list[OpRecord],
+    layer_input_bytes: list[int],
+    budget_bytes: int | None = None,
+    *,
+    batch_size: int = 1,
+    hidden_size: int | None = None,
 ) -> RecomputePlan:
     """The plan for the records of one traced forward (see the module docstring).
 
     Only records inside the decoder layers take part; the data flow is followed within them. The
     records may trace one sequence of a `batch_size` batch (`layer_input_bytes` too): bytes are
     scaled to the batch. A `budget_bytes` below the layer inputs (the least any checkpointing
-    keeps) is a `BWSKError`.
+    keeps) is a `BWSKError`. `hidden_size` (the width of the layers' input) sets the narrow-op
+    threshold of the default plan.
     """
     keys = layer_ops(records)
     by_index = {record.index: record for record in records if record.index in keys}
@@ -148,7 +175,10 @@ def plan_recompute(
     keep_all = minimum + sum(size.values())
     layer_flops = sum(by_index[i].flops for i in expensive)
     if budget_bytes is None:
-        recompute = {i for i in expensive if _widens(by_index[i]) and feeds_k_op(by_index, consumers, i)}
+        recompute = {
+            i for i in expensive
+            if _narrow(by_index[i], hidden_size) or (_widens(by_index[i]) and feeds_k_op(by_index, consumers, i))
+        }
         keep = [i for i in expensive if i not in recompute]
         keep_unseen = True
     else:

@@ -231,8 +231,10 @@ class ReversibleMode:
         if reason is not None:
             return self._fall_back(reason)
         layers_path, layers = self.find_layers(model)
-        records, layer_input_bytes, batch_size = self._trace(layers_path, layers, batch)
-        plan = plan_recompute(records, layer_input_bytes, self.memory_budget_bytes, batch_size=batch_size)
+        records, layer_input_bytes, batch_size, hidden_size = self._trace(layers_path, layers, batch)
+        plan = plan_recompute(
+            records, layer_input_bytes, self.memory_budget_bytes, batch_size=batch_size, hidden_size=hidden_size
+        )
         self.plan = plan
         self._tracker = LayerPathTracker(layers)
         self._enable_checkpointing({"use_reentrant": False, "context_fn": _SelectivePolicy(plan, self._tracker)})
@@ -293,10 +295,11 @@ class ReversibleMode:
             return "the model's loss is not HF's causal-LM cross-entropy"
         return None
 
-    def _trace(self, layers_path, layers, batch) -> tuple[list[OpRecord], list[int], int]:
+    def _trace(self, layers_path, layers, batch) -> tuple[list[OpRecord], list[int], int, int | None]:
         """The analysis' records of the base model on the first sample of `batch` (train mode, RNG
         untouched), the bytes of each layer's tensor positional inputs (what a checkpointed layer
-        keeps at the least), and the batch size the plan scales those bytes by.
+        keeps at the least), the batch size the plan scales those bytes by, and the layers' width
+        (the last dimension of the first layer's first tensor input, its hidden states).
 
         One sample keeps the trace cheap: every op's output scales with the batch alone. The trace
         runs without gradients, as the analysis does; the ops are the same.
@@ -306,10 +309,14 @@ class ReversibleMode:
         batch_size = inputs["input_ids"].shape[0]
         input_ids = first.pop("input_ids")
         input_bytes = [0] * len(layers)
+        widths: list[int] = []
 
         def hook(index):
             def record(module, args):
-                input_bytes[index] = sum(t.numel() * t.element_size() for t in args if isinstance(t, torch.Tensor))
+                tensors = [t for t in args if isinstance(t, torch.Tensor)]
+                input_bytes[index] = sum(t.numel() * t.element_size() for t in tensors)
+                if not widths and tensors and tensors[0].dim() > 0:
+                    widths.append(tensors[0].shape[-1])
 
             return record
 
@@ -329,7 +336,7 @@ class ReversibleMode:
             model.train(was_training)
             for handle in handles:
                 handle.remove()
-        return records, input_bytes, batch_size
+        return records, input_bytes, batch_size, (widths[0] if widths else None)
 
     def _enable_checkpointing(self, checkpoint_kwargs: dict[str, Any]) -> None:
         self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)

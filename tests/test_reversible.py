@@ -88,6 +88,33 @@ def test_plan_recomputes_the_widening_matmul_feeding_gelu_and_keeps_the_rest():
         assert (narrow, "aten.addmm.default") in kept
 
 
+@pytest.mark.slow
+def test_mamba_plan_recomputes_the_narrow_scan_ops_and_keeps_the_width_contractions():
+    # Tiny Mamba: width 32, state 8, conv kernel 4, dt rank 4. The conv, the dt projection and the
+    # per-token state contractions spend fewer FLOPs per output element than the width: recomputed.
+    model = tiny_model("mamba")
+    mode = reversible(model, tiny_batch(2, 16))
+    recomputed = {(key.path, key.op) for key in mode.plan.recompute}
+    kept = {(key.path, key.op) for key in mode.plan.keep}
+    summary = mode.plan.summary()
+    mode.teardown()
+    for narrow in ("aten.convolution.default", "aten.mm.default", "aten.bmm.default"):
+        assert ("mixer", narrow) in recomputed
+    assert not any(path == "mixer" for path, _ in kept), kept
+    assert {("mixer.x_proj", "aten.mm.default"), ("mixer.out_proj", "aten.mm.default")} <= kept
+    assert summary["recomputed_ops"]["mixer:aten.bmm.default"] == 2 * 16  # every token of both layers
+
+
+def test_default_plan_recomputes_ops_narrower_than_the_layer_width():
+    # 1000 FLOPs over 100 bytes = 25 elements: 40 FLOPs per element. Width 64 (a projection of the
+    # layer input costs 128 per element): narrow, recomputed. Width 32: kept. No width: kept.
+    ops = [_op(0, flops=1000, output_bytes=100), _op(1, flops=100_000, output_bytes=100)]
+    assert {key.path for key in plan_recompute(ops, [40], hidden_size=64).recompute} == {"m0"}
+    assert not plan_recompute(ops, [40], hidden_size=32).recompute
+    assert not plan_recompute(ops, [40]).recompute
+    assert plan_recompute(ops, [40], hidden_size=64).kept_bytes == 140
+
+
 def test_teardown_leaves_the_model_as_it_was():
     model = tiny_model("llama")
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
