@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BWSKError
-from .run_dir import EXPERIMENTS, MODES, VARIANTS, variant_name
+from .results import saved_fraction
+from .run_dir import EXPERIMENT_LABELS, EXPERIMENTS, MODE_LABELS, MODES, VARIANTS, variant_name
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENT_LABELS = {"finetune": "Fine-tune", "scratch": "From Scratch"}
-MODE_LABELS = {"conventional": "Conventional", "analyzed": "BWSK Analyzed", "reversible": "BWSK Reversible"}
 
 LOSS_PLOT = "plots/loss_curves.png"
 MEMORY_PLOT = "plots/peak_memory.png"
@@ -246,12 +245,11 @@ def result_row(record: dict) -> dict:
 
 
 def memory_saving(conventional: dict, reversible: dict) -> dict:
-    before, after = conventional.get("peak_memory_mb"), reversible.get("peak_memory_mb")
-    comparable = (before is not None and after is not None and before > 0
-                  and conventional.get("peak_memory_kind") == reversible.get("peak_memory_kind"))
+    saved = saved_fraction(conventional, reversible)
     return {
-        "conventional": fmt_memory(before), "reversible": fmt_memory(after),
-        "saved": fmt_percent(1 - after / before) if comparable else NOT_MEASURED,
+        "conventional": fmt_memory(conventional.get("peak_memory_mb")),
+        "reversible": fmt_memory(reversible.get("peak_memory_mb")),
+        "saved": NOT_MEASURED if saved is None else fmt_percent(saved),
     }
 
 

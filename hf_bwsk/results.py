@@ -6,10 +6,8 @@ Schema: ``docs/RESULTS_FORMAT.md``.
 import math
 from datetime import datetime, timezone
 
-from .run_dir import EXPERIMENTS, MODES
+from .run_dir import EXPERIMENT_LABELS, EXPERIMENTS, MODE_LABELS, MODES
 
-EXPERIMENT_TITLES = {"finetune": "Fine-tune", "scratch": "From Scratch"}
-MODE_TITLES = {"conventional": "Conventional", "analyzed": "BWSK Analyzed", "reversible": "BWSK Reversible"}
 TABLE_COLUMNS = ("Mode", "Final Loss", "Val PPL", "Test PPL", "Peak Memory", "Time", "Epochs")
 
 
@@ -65,7 +63,7 @@ def _duration(seconds) -> str:
 def _row(run: dict) -> list[str]:
     epochs = _number(run.get("epochs_completed"), "g") + (" (early stop)" if run.get("early_stopped") else "")
     return [
-        MODE_TITLES[run["mode"]],
+        MODE_LABELS[run["mode"]],
         _number(run.get("final_train_loss"), ".4f"),
         _number(run.get("best_val_metric"), ".2f"),
         _number(run.get("test_metric"), ".2f"),
@@ -75,13 +73,21 @@ def _row(run: dict) -> list[str]:
     ]
 
 
-def memory_saving(runs: list[dict], experiment: str) -> float | None:
-    """Fraction of peak memory the reversible run saved against the conventional one, if both ran."""
-    peaks = {run["mode"]: run.get("peak_memory_mb") for run in runs if run["experiment"] == experiment}
-    conventional, reversible = peaks.get("conventional"), peaks.get("reversible")
-    if not conventional or reversible is None:
+def saved_fraction(conventional: dict, reversible: dict) -> float | None:
+    """Fraction of peak memory the reversible run saved against the conventional one; None unless
+    both were measured, the same way (a CUDA peak and CPU bytes kept are not comparable)."""
+    before, after = conventional.get("peak_memory_mb"), reversible.get("peak_memory_mb")
+    if not before or after is None or conventional.get("peak_memory_kind") != reversible.get("peak_memory_kind"):
         return None
-    return 1 - reversible / conventional
+    return 1 - after / before
+
+
+def memory_saving(runs: list[dict], experiment: str) -> float | None:
+    """`saved_fraction` of one experiment's reversible run, if both it and the conventional one ran."""
+    by_mode = {run["mode"]: run for run in runs if run["experiment"] == experiment}
+    if "conventional" not in by_mode or "reversible" not in by_mode:
+        return None
+    return saved_fraction(by_mode["conventional"], by_mode["reversible"])
 
 
 def format_tables(results: dict) -> str:
@@ -93,7 +99,7 @@ def format_tables(results: dict) -> str:
                       key=lambda run: MODES.index(run["mode"]))
         if not runs:
             continue
-        lines += [f"### {EXPERIMENT_TITLES[experiment]} ({results['model_name']}, preset {results['preset']})", ""]
+        lines += [f"### {EXPERIMENT_LABELS[experiment]} ({results['model_name']}, preset {results['preset']})", ""]
         lines.append("| " + " | ".join(TABLE_COLUMNS) + " |")
         lines.append("|" + "---|" * len(TABLE_COLUMNS))
         lines += ["| " + " | ".join(_row(run)) + " |" for run in runs]

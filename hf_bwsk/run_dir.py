@@ -25,6 +25,8 @@ from .errors import BWSKError
 EXPERIMENTS = ("finetune", "scratch")
 MODES = ("conventional", "analyzed", "reversible")
 MODE_FOLDERS = {"conventional": "conventional", "analyzed": "bwsk-analyzed", "reversible": "bwsk-reversible"}
+EXPERIMENT_LABELS = {"finetune": "Fine-tune", "scratch": "From Scratch"}
+MODE_LABELS = {"conventional": "Conventional", "analyzed": "BWSK Analyzed", "reversible": "BWSK Reversible"}
 MARKER = ".hf-bwsk-run.json"
 RESULTS = "results.json"
 TRAINING_RESULTS = "training_results.json"
