@@ -25,7 +25,6 @@ import statistics
 import time
 
 import torch
-
 from provenance import ROOT, provenance
 
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
@@ -71,7 +70,7 @@ def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int, device: torc
 def apply_mode(mode: str, model, batch: dict, budget: int | None):
     """Switch `model` to `mode`; returns the ReversibleMode for the bwsk modes (else None)."""
     from hf_bwsk.analysis import find_decoder_layers
-    from hf_bwsk.reversible import ReversibleMode
+    from hf_bwsk.memory import ReversibleMode
 
     if mode == "hf_checkpointing":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -119,7 +118,7 @@ def _synchronize(batch: dict) -> None:
 
 def measure(name: str, mode: str, batch_size: int, seq_len: int, steps: int, budget: int | None) -> dict:
     """One mode on one model, on a fresh model from the same seed."""
-    from hf_bwsk.memory import bytes_kept_for_backward, count_train_flops
+    from hf_bwsk.memory.measure import bytes_kept_for_backward, count_train_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if mode == "hf_checkpointing_offload" and device.type == "cpu":
@@ -205,7 +204,7 @@ def append_table(results: dict) -> None:
 
 
 def main() -> None:
-    from hf_bwsk.training_args import parse_byte_size
+    from hf_bwsk.training.args import parse_byte_size
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))

@@ -117,7 +117,7 @@ def env(args: argparse.Namespace) -> None:
     argument("--repo-id", metavar="ID", help="Hub repo id shown in the card's usage (default: a placeholder)"),
 )
 def card(args: argparse.Namespace) -> None:
-    from .cards import write_card
+    from .publishing.cards import write_card
 
     readme = write_card(args.run_dir, repo_id=args.repo_id)
     print(f"card written to {readme} (plots in {readme.parent / 'plots'})")
@@ -134,8 +134,8 @@ def card(args: argparse.Namespace) -> None:
     argument("--dry-run", action="store_true", help="check the run and list every file and its size; no network"),
 )
 def push(args: argparse.Namespace) -> None:
-    from .hub import DEFAULT_COMMIT_MESSAGE
-    from .hub import push as push_run
+    from .publishing.hub import DEFAULT_COMMIT_MESSAGE
+    from .publishing.hub import push as push_run
 
     result = push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
                       commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE, dry_run=args.dry_run)

@@ -10,8 +10,8 @@ Without the mamba-ssm / causal-conv1d CUDA kernels transformers runs Mamba's ref
 trains correctly, only slower.
 """
 
-from hf_bwsk.experiment import main
-from hf_bwsk.presets import MAMBA_PRESETS
+from hf_bwsk.experiments.presets import MAMBA_PRESETS
+from hf_bwsk.recipe import main
 
 if __name__ == "__main__":
     main(MAMBA_PRESETS)

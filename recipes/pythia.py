@@ -11,8 +11,8 @@ Writes ``<output_dir>/{finetune,scratch}-{conventional,bwsk-analyzed,bwsk-revers
 ``<output_dir>/results.json``, and prints the results tables.
 """
 
-from hf_bwsk.experiment import main
-from hf_bwsk.presets import PYTHIA_PRESETS
+from hf_bwsk.experiments.presets import PYTHIA_PRESETS
+from hf_bwsk.recipe import main
 
 if __name__ == "__main__":
     main(PYTHIA_PRESETS)

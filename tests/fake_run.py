@@ -15,11 +15,7 @@ from pathlib import Path
 from tiny_models import VOCAB, tiny_model
 
 from hf_bwsk.env import versions
-
-EXPERIMENTS = ("finetune", "scratch")
-MODES = ("conventional", "analyzed", "reversible")
-MODE_FOLDERS = {"conventional": "conventional", "analyzed": "bwsk-analyzed", "reversible": "bwsk-reversible"}
-VARIANTS = tuple(f"{experiment}-{MODE_FOLDERS[mode]}" for experiment in EXPERIMENTS for mode in MODES)
+from hf_bwsk.layout import EXPERIMENTS, MODES, VARIANTS, variant_name  # noqa: F401 (VARIANTS: for the tests)
 
 SLUG = "tiny-gpt-neox"
 HF_ID = "hf-bwsk/tiny-gpt-neox"
@@ -28,6 +24,7 @@ HF_ID = "hf-bwsk/tiny-gpt-neox"
 def tiny_tokenizer():
     """A byte-level BPE with exactly ``VOCAB`` tokens, trained offline on the stdlib's English prose."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -66,7 +63,7 @@ def training_results(experiment, mode, *, seed, device, precision, index):
     analysed = mode != "conventional"
     return {
         "model_slug": SLUG, "experiment": experiment, "mode": mode,
-        "variant": f"{experiment}-{MODE_FOLDERS[mode]}",
+        "variant": variant_name(experiment, mode),
         "final_train_loss": loss_curve[-1]["loss"],
         "best_val_metric": best["perplexity"], "best_val_loss": best["loss"],
         "test_metric": round(math.exp(test_loss), 4), "test_loss": test_loss, "metric_name": "perplexity",
@@ -116,7 +113,7 @@ def make_fake_run(root, *, seed=0, device="cpu", precision="fp32", with_checkpoi
     tokenizer = tiny_tokenizer()
     runs = []
     for index, (experiment, mode) in enumerate((e, m) for e in EXPERIMENTS for m in MODES):
-        folder = root / f"{experiment}-{MODE_FOLDERS[mode]}"
+        folder = root / variant_name(experiment, mode)
         model = tiny_model("gpt_neox", seed=seed + index)
         model.generation_config.pad_token_id = tokenizer.eos_token_id
         model.save_pretrained(folder)

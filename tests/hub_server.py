@@ -37,6 +37,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 # The Hub's default .gitattributes (subset): files matching these are stored through LFS.
+# The token and account the test suite's server knows (fixtures `hub` and `hf_home` in conftest.py).
+TOKEN = "hf_test_write_token_0123456789"
+USER = "tester"
+
 LFS_PATTERNS = (
     "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.gz", "*.h5", "*.joblib", "*.model", "*.msgpack", "*.npy",
     "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar",

@@ -69,22 +69,6 @@ def test_contractions_carry_flops_and_bytes(arch_report):
         r for r in report.data_records if r.op.startswith("aten._scaled_dot_product")])
 
 
-def test_per_module_and_s_phases(arch_report):
-    arch, report = arch_report
-    modules = report.per_module()
-    assert sum(entry["ops"] for entry in modules.values()) == len(report.data_records)
-    for entry in modules.values():
-        assert entry["S"] + entry["K"] + entry["Gray"] == entry["ops"]
-    phases = report.s_phases()
-    assert set(phases) == {0, 1}
-    for layer, runs in phases.items():
-        assert runs, f"{arch}: layer {layer} has no S phase"
-        for phase in runs:
-            ops = report.records[phase.first:phase.last + 1]
-            data = [r for r in ops if r.data_path]
-            assert len(data) == phase.ops and all(r.kind == "S" and r.layer == layer for r in data)
-
-
 def test_json_round_trip(arch_report, tmp_path):
     arch, report = arch_report
     path = report.save_json(tmp_path / "report.json")

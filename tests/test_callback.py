@@ -9,9 +9,10 @@ from tiny_models import tiny_batch, tiny_model
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import TrainerState
 
-from hf_bwsk.callback import TRAINING_RESULTS, BWSKCallback, update_training_results
-from hf_bwsk.trainer import BWSKTrainer
-from hf_bwsk.training_args import BWSKTrainingArguments
+from hf_bwsk.layout import TRAINING_RESULTS
+from hf_bwsk.training.args import BWSKTrainingArguments
+from hf_bwsk.training.callback import BWSKCallback
+from hf_bwsk.training.trainer import BWSKTrainer
 
 FORMAT = Path(__file__).parent.parent / "docs" / "RESULTS_FORMAT.md"
 
@@ -81,10 +82,3 @@ def test_nan_losses_are_counted_and_best_skips_them(tmp_path):
     record = callback.results(args, state, tiny_model("gpt2"), wall_time=1.0)
     assert record["nan_count"] == 3
     assert record["best_val_loss"] == 1.5 and record["early_stopped"] is True
-
-
-def test_update_training_results_merges_fields(tmp_path):
-    (tmp_path / TRAINING_RESULTS).write_text(json.dumps({"mode": "analyzed", "test_metric": None}))
-    update_training_results(tmp_path, test_metric=12.5, experiment="finetune")
-    assert json.loads((tmp_path / TRAINING_RESULTS).read_text()) == {
-        "mode": "analyzed", "test_metric": 12.5, "experiment": "finetune"}

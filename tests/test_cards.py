@@ -9,8 +9,11 @@ import pytest
 from fake_run import VARIANTS, make_fake_run
 from huggingface_hub import ModelCard
 
-from hf_bwsk.cards import load_run, render_card, render_variant_card, variant_label, write_card
 from hf_bwsk.errors import BWSKError
+from hf_bwsk.layout import variant_label
+from hf_bwsk.publishing.cards import render_card, write_card
+from hf_bwsk.publishing.run import load_run
+from hf_bwsk.training.model_card import render_variant_card
 
 LABELS = [variant_label(e, m) for e in ("finetune", "scratch") for m in ("conventional", "analyzed", "reversible")]
 
@@ -155,7 +158,7 @@ def test_variant_card_carries_its_one_result(run_dir):
 
 
 def test_importing_the_package_stays_light():
-    code = ("import sys, hf_bwsk, hf_bwsk.cards, hf_bwsk.hub, hf_bwsk.plots; "
+    code = ("import sys, hf_bwsk, hf_bwsk.publishing, hf_bwsk.publishing.plots; "
             "print(sorted(m for m in ('datasets', 'evaluate', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

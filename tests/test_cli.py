@@ -8,6 +8,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+from tiny_models import tiny_config
 from transformers import T5Config
 
 from hf_bwsk import cli
@@ -15,7 +16,6 @@ from hf_bwsk.analysis import SKReport, analyze, calm_report
 from hf_bwsk.cli import argument, main, subcommand
 from hf_bwsk.env import versions
 from hf_bwsk.models import BUILTIN_MODELS, load_config
-from tiny_models import tiny_config
 
 # Small traced shapes keep each analysis well under a second.
 SHAPE = ["--seq-len", "16", "--batch-size", "1"]

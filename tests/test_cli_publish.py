@@ -6,34 +6,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_run import VARIANTS, make_fake_run
+from fake_run import VARIANTS
+from hub_server import TOKEN
 from huggingface_hub import ModelCard
-from hub_server import HubServer, point_hf_at
 
 from hf_bwsk.cli import main
-
-TOKEN = "hf_cli_test_token_42"
 
 # huggingface_hub's LFS upload hands httpx2 a file object through ``data=``; httpx2 asks for ``content=``.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning:httpx2")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_fake_run(tmp_path_factory.mktemp("run"))
-
-
-@pytest.fixture(scope="module")
-def hub():
-    with HubServer({TOKEN: "tester"}) as server:
-        yield server
-
-
-@pytest.fixture
-def hf_home(hub, monkeypatch, tmp_path):
-    point_hf_at(hub, monkeypatch, tmp_path / "hf_home")
-    hub.state.requests.clear()
-    return tmp_path / "hf_home"
+def run_dir(fake_run_dir):
+    return fake_run_dir
 
 
 def assert_one_line_error(code, captured, *fragments):

@@ -5,7 +5,8 @@ from collections import Counter
 
 import pytest
 
-from hf_bwsk.data import (
+from hf_bwsk.errors import BWSKError
+from hf_bwsk.experiments.data import (
     SPLITS,
     HubText,
     TinyCorpus,
@@ -15,8 +16,7 @@ from hf_bwsk.data import (
     tiny_corpus_slices,
     write_tiny_corpus,
 )
-from hf_bwsk.errors import BWSKError
-from hf_bwsk.tokenization import END_OF_TEXT, train_bpe_tokenizer
+from hf_bwsk.experiments.tokenization import END_OF_TEXT, train_bpe_tokenizer
 
 SMALL = 30_000  # characters of the stdlib corpus: enough for every slice, fast to tokenise
 

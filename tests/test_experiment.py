@@ -12,12 +12,14 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from hf_bwsk.data import SPLITS, TinyCorpus
 from hf_bwsk.errors import BWSKError
-from hf_bwsk.experiment import parse_arguments, run_experiment
-from hf_bwsk.presets import MAMBA_PRESETS, PYTHIA_PRESETS, get_preset
-from hf_bwsk.results import format_tables, memory_saving
-from hf_bwsk.run_dir import MARKER, VARIANTS, RunDirectory
+from hf_bwsk.experiments.args import parse_arguments
+from hf_bwsk.experiments.data import SPLITS, TinyCorpus
+from hf_bwsk.experiments.presets import MAMBA_PRESETS, PYTHIA_PRESETS, get_preset
+from hf_bwsk.experiments.run_dir import RunDirectory
+from hf_bwsk.layout import MARKER, VARIANTS
+from hf_bwsk.publishing.results import format_tables, memory_saving
+from hf_bwsk.recipe import run_experiment
 
 TEST_PRESETS = {
     "tiny": dataclasses.replace(
@@ -170,7 +172,7 @@ def test_tables_show_each_experiment_and_the_memory_saving():
     results = {"model_name": "Pythia-70M", "preset": "full", "runs": runs}
     assert memory_saving(runs, "finetune") == pytest.approx(0.25)
     table = format_tables(results)
-    assert "| Mode | Final Loss | Val PPL | Test PPL | Peak Memory | Time | Epochs |" in table
+    assert "| Mode | Final Loss | Val Perplexity | Test Perplexity | Peak Memory | Time | Epochs |" in table
     assert table.count("| BWSK Reversible | 3.2100 | 25.00 | 26.50 | 2.93 GB | 1.5 min | 4 (early stop) |") == 2
     assert "### Fine-tune" in table and "### From Scratch" in table
     assert table.count("3.91 GB -> 2.93 GB (25.0% saved") == 2
@@ -235,7 +237,7 @@ def test_saved_variant_loads_and_test_perplexity_is_token_weighted(grid):
     every predicted token of the packed test split."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_bwsk.data import load_text_files, pack_blocks
+    from hf_bwsk.experiments.data import load_text_files, pack_blocks
 
     out, results = grid
     name = "finetune-bwsk-reversible"

@@ -7,14 +7,12 @@ import traceback
 
 import pytest
 import torch
-from fake_run import VARIANTS, make_fake_run
-from hub_server import HubServer, point_hf_at
+from fake_run import VARIANTS
+from hub_server import TOKEN, USER
 
 from hf_bwsk.errors import BWSKError
-from hf_bwsk.hub import assemble, push
+from hf_bwsk.publishing.hub import assemble, push
 
-TOKEN = "hf_test_write_token_0123456789"
-USER = "tester"
 CARD_AND_RESULTS = ["README.md", "plots/loss_curves.png", "plots/peak_memory.png", "results.json"]
 
 # huggingface_hub's LFS upload hands httpx2 a file object through ``data=``; httpx2 asks for ``content=``.
@@ -22,22 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_fake_run(tmp_path_factory.mktemp("run"))
-
-
-@pytest.fixture(scope="module")
-def hub():
-    with HubServer({TOKEN: USER}) as server:
-        yield server
-
-
-@pytest.fixture
-def hf_home(hub, monkeypatch, tmp_path):
-    point_hf_at(hub, monkeypatch, tmp_path / "hf_home")
-    hub.state.requests.clear()
-    hub.state.unhandled.clear()
-    return tmp_path / "hf_home"
+def run_dir(fake_run_dir):
+    return fake_run_dir
 
 
 def hub_calls(hub):
@@ -235,7 +219,7 @@ def test_the_test_hub_is_strict_about_auth_and_lfs_objects(hub):
 
 
 def test_check_token_names_the_account_or_refuses_in_one_line(hf_home, hub, monkeypatch):
-    from hf_bwsk.hub import check_token
+    from hf_bwsk.publishing.hub import check_token
 
     with pytest.raises(BWSKError, match="no Hugging Face token"):
         check_token()

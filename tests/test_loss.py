@@ -7,7 +7,7 @@ from tiny_models import ARCHS, VOCAB, tiny_batch, tiny_model
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from hf_bwsk.errors import BWSKError
-from hf_bwsk.loss import fused_linear_cross_entropy, live_weight_grad_buffers
+from hf_bwsk.memory.loss import fused_linear_cross_entropy, head_grad_buffers
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -137,10 +137,10 @@ def test_upstream_gradient_scales_the_stored_gradients():
 def test_weight_gradient_is_adopted_as_grad_without_copy_and_backward_runs_once():
     hidden, weight, _, labels = synthetic()
     loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=4)
-    (buffer_pointer,) = [b.data_ptr() for b in live_weight_grad_buffers() if b.shape == weight.shape]
+    (buffer_pointer,) = [b.data_ptr() for b in head_grad_buffers(loss) if b.shape == weight.shape]
     loss.backward()
     assert weight.grad.data_ptr() == buffer_pointer
-    assert not any(b.data_ptr() == buffer_pointer for b in live_weight_grad_buffers())
+    assert not any(b.data_ptr() == buffer_pointer for b in head_grad_buffers(loss))
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
 
@@ -148,11 +148,10 @@ def test_weight_gradient_is_adopted_as_grad_without_copy_and_backward_runs_once(
 def test_without_grad_only_the_loss_is_computed():
     hidden, weight, _, labels = synthetic()
     expected = ForCausalLMLoss(hidden @ weight.t(), labels, vocab_size=weight.shape[0])
-    buffers_before = len(live_weight_grad_buffers())
     with torch.no_grad():
         actual = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=4)
     assert actual.grad_fn is None
-    assert len(live_weight_grad_buffers()) == buffers_before
+    assert head_grad_buffers(actual) == []
     assert_tensors_close(actual, expected, RTOL, ATOL, name="no-grad loss")
 
 

@@ -8,14 +8,13 @@ import sys
 import huggingface_hub.constants
 import pytest
 import torch
+from hub_server import HubServer
+from huggingface_hub import CommitOperationAdd, HfApi
+from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM, T5Config
 
 from hf_bwsk.errors import BWSKError
 from hf_bwsk.models import BUILTIN_MODELS, check_causal_lm, load_config
-from huggingface_hub import CommitOperationAdd, HfApi
-
-from hub_server import HubServer
-from tiny_models import tiny_config
 
 # Parameter counts of the published checkpoints (Hub model pages / DESIGN.md §3).
 PUBLISHED_PARAMS = {

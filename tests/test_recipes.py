@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_bwsk.data import TinyCorpus
-from hf_bwsk.experiment import parse_arguments, run_experiment
-from hf_bwsk.presets import MAMBA_PRESETS, PYTHIA_PRESETS, get_preset
+from hf_bwsk.experiments.args import parse_arguments
+from hf_bwsk.experiments.data import TinyCorpus
+from hf_bwsk.experiments.presets import MAMBA_PRESETS, PYTHIA_PRESETS, get_preset
+from hf_bwsk.recipe import run_experiment
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -21,7 +22,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 @pytest.mark.parametrize("recipe, presets", [("pythia.py", PYTHIA_PRESETS), ("mamba.py", MAMBA_PRESETS)])
 def test_recipe_is_a_preset_and_one_call(recipe, presets):
     namespace = runpy.run_path(str(RECIPES / recipe), run_name="imported")  # not "__main__": nothing runs
-    assert namespace["main"].__module__ == "hf_bwsk.experiment"
+    assert namespace["main"].__module__ == "hf_bwsk.recipe"
     assert any(value is presets for value in namespace.values())
     assert namespace["__doc__"] and "accelerate launch" in namespace["__doc__"]
 
@@ -34,7 +35,7 @@ def test_every_flag_has_help(capsys):
                  "--validation_file", "--test_file", "--resume", "--overwrite_output_dir", "--hub_repo_id",
                  "--push_to_hub", "--bwsk_loss_chunk_size", "--scratch_learning_rate", "--base_model"):
         assert flag in text, f"{flag} missing from --help"
-    from hf_bwsk.experiment import ExperimentArguments
+    from hf_bwsk.experiments.args import ExperimentArguments
 
     undocumented = [f.name for f in dataclasses.fields(ExperimentArguments) if not f.metadata.get("help")]
     assert not undocumented, f"flags without help: {undocumented}"

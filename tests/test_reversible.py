@@ -9,11 +9,10 @@ from tiny_models import ARCHS, tiny_batch, tiny_model
 from transformers import AutoModelForCausalLM, CohereConfig
 
 from hf_bwsk.analysis import find_decoder_layers
-from hf_bwsk.errors import BWSKError
 from hf_bwsk.analysis.records import OpRecord
-from hf_bwsk.memory import bytes_kept_for_backward
-from hf_bwsk.recompute_plan import OpKey, plan_recompute
-from hf_bwsk.reversible import ReversibleMode
+from hf_bwsk.errors import BWSKError
+from hf_bwsk.memory import ReversibleMode, bytes_kept_for_backward
+from hf_bwsk.memory.plan import OpKey, plan_recompute
 
 # Mamba's reference scan runs one op group per token on CPU: its cases take ~8 s each.
 ARCH_PARAMS = [pytest.param(arch, marks=pytest.mark.slow) if arch == "mamba" else arch for arch in ARCHS]

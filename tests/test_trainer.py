@@ -13,8 +13,9 @@ from tiny_models import ARCHS, tiny_batch, tiny_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_bwsk.errors import BWSKError
-from hf_bwsk.trainer import CALM_REPORT, SK_REPORT, BWSKTrainer
-from hf_bwsk.training_args import BWSK_MODES, BWSKTrainingArguments, parse_byte_size
+from hf_bwsk.layout import CALM_REPORT, SK_REPORT
+from hf_bwsk.training.args import BWSK_MODES, BWSKTrainingArguments, parse_byte_size
+from hf_bwsk.training.trainer import BWSKTrainer
 
 
 def dataset(count=16, seq_len=16):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-
 _aten = torch.ops.aten
 _MATMULS = {_aten.mm.default: 2, _aten.bmm.default: 3}
 

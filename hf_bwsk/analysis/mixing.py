@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from . import op_names
 from .axes import SEQUENCE, AxisSizes
 from .rules import OpCall
 
@@ -60,8 +61,7 @@ _DIM_ARGUMENT = {"topk": (2, -1), "kthvalue": (2, -1), "sort": (1, -1), "cumsum"
                  "norm": (2, None), "linalg_vector_norm": (2, None)}
 
 
-@_register("sum mean amax amin max min argmax argmin var var_mean std std_mean prod norm linalg_vector_norm "
-           "logsumexp any all count_nonzero topk median mode kthvalue cumsum sort")
+@_register(op_names.REDUCTIONS + " cumsum sort")
 def _reduction(call, axes):
     position, default = _DIM_ARGUMENT.get(call.name, (1, None))
     dims = call.arg(position, "dim", default)
@@ -70,12 +70,12 @@ def _reduction(call, axes):
     return _axes_of_dims(call.args[0], dims, axes)
 
 
-@_register("_softmax _safe_softmax _log_softmax")
+@_register(op_names.SOFTMAXES)
 def _softmax(call, axes):
     return _axes_of_dims(call.args[0], call.args[1], axes)
 
 
-@_register("native_layer_norm rms_norm _fused_rms_norm")
+@_register(op_names.LAYER_NORMS)
 def _norm(call, axes):
     source = call.args[0]
     count = len(call.args[1])
@@ -91,20 +91,17 @@ def _contraction(call, axes, left, right):
     return frozenset(found)
 
 
-_register("mm bmm matmul")(lambda call, axes: _contraction(call, axes, call.args[0], call.args[1]))
-_register("addmm baddbmm")(lambda call, axes: _contraction(call, axes, call.args[1], call.args[2]))
+_register(op_names.MATMULS)(lambda call, axes: _contraction(call, axes, call.args[0], call.args[1]))
+_register(op_names.BIAS_MATMULS)(lambda call, axes: _contraction(call, axes, call.args[1], call.args[2]))
 
 
-@_register("_scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_flash_attention "
-           "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention "
-           "_scaled_dot_product_fused_attention_overrideable _scaled_dot_product_attention_math "
-           "_flash_attention_forward _efficient_attention_forward")
+@_register(op_names.ATTENTIONS)
 def _attention(call, axes):
     query, key = call.args[0], call.args[1]
     return axes.axes_of(query.shape[-1]) | axes.axes_of(key.shape[-2])
 
 
-@_register("convolution _convolution")
+@_register(op_names.CONVOLUTIONS)
 def _convolution(call, axes):
     source, weight = call.args[0], call.args[1]
     found = set()
@@ -116,7 +113,7 @@ def _convolution(call, axes):
     return frozenset(found)
 
 
-@_register("nll_loss_forward nll_loss2d_forward")
+@_register(op_names.NLL_LOSSES)
 def _nll_loss(call, axes):
     scores = call.args[0]
     found = set(axes.axes_of(scores.shape[-1])) if scores.dim() else set()
@@ -125,7 +122,7 @@ def _nll_loss(call, axes):
     return frozenset(found)
 
 
-@_register("mse_loss l1_loss smooth_l1_loss huber_loss binary_cross_entropy binary_cross_entropy_with_logits kl_div")
+@_register(op_names.ELEMENTWISE_LOSSES)
 def _loss(call, axes):
     return _axes_of_dims(call.args[0], None, axes)
 

@@ -19,7 +19,7 @@ class OpRecord:
     ``mixes`` lists the axes ("batch", "sequence", "hidden") the op reduces, contracts or mixes;
     it is filled when the traced sizes identify the axes (see `SKReport.axis_sizes`).
 
-    The data flow, for plans that follow a tensor from op to op (`recompute_plan`): ``producers``
+    The data flow, for plans that follow a tensor from op to op (`hf_bwsk.memory.plan`): ``producers``
     are the indices of the records whose outputs this op reads (identities, which get no record,
     are looked through); ``activation_input_numel`` counts the elements of its data-path inputs,
     which ``input_shapes`` alone cannot tell from auxiliary ones; ``relabels`` marks views and

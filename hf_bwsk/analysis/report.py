@@ -12,7 +12,7 @@ from typing import NamedTuple
 from ..errors import BWSKError
 from .module_view import ModuleView
 from .records import OpRecord
-from .rules import KINDS, S
+from .rules import KINDS
 
 _WEIGHTS = {"count": lambda record: 1, "bytes": lambda record: record.output_bytes, "flops": lambda record: record.flops}
 RATIO_WEIGHTS = tuple(_WEIGHTS)
@@ -87,34 +87,6 @@ class SKReport:
     def unclassified(self) -> list[str]:
         """Sorted names of the ops no rule covers (they count as Gray)."""
         return sorted({record.op for record in self.records if record.reason.startswith("unclassified")})
-
-    def per_module(self) -> dict[str, dict]:
-        """Data-path op counts per module path: ``{path: {"module_class", "S", "K", "Gray", "ops"}}``."""
-        modules: dict[str, dict] = {}
-        for record in self.data_records:
-            entry = modules.setdefault(
-                record.module_path, {"module_class": record.module_class, **dict.fromkeys(KINDS, 0), "ops": 0})
-            entry[record.kind] += 1
-            entry["ops"] += 1
-        return modules
-
-    def s_phases(self) -> dict[int, list[Phase]]:
-        """Per decoder layer, the maximal runs of consecutive data-path S ops (a K or Gray op ends one)."""
-        phases: dict[int, list[Phase]] = {layer: [] for layer in range(self.num_layers)}
-        run: list[OpRecord] = []
-
-        def close():
-            if run:
-                phases[run[0].layer].append(Phase(run[0].index, run[-1].index, len(run)))
-                run.clear()
-
-        for record in self.data_records:
-            if record.layer is None or record.kind != S or (run and run[-1].layer != record.layer):
-                close()
-            if record.layer is not None and record.kind == S:
-                run.append(record)
-        close()
-        return phases
 
     def layer_records(self, layer: int) -> list[OpRecord]:
         """The data-path ops of one decoder layer, in execution order."""

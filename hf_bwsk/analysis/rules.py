@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from . import op_names
+
 S, K, GRAY = "S", "K", "Gray"
 KINDS = (S, K, GRAY)
 
@@ -282,11 +284,11 @@ def _linear_map(call: OpCall, left: torch.Tensor, right: torch.Tensor) -> Verdic
     return Verdict(K, "linear map narrows (out < in): erases a subspace")
 
 
-_register("mm bmm matmul", lambda call: _linear_map(call, call.args[0], call.args[1]))
-_register("addmm baddbmm", lambda call: _linear_map(call, call.args[1], call.args[2]))
+_register(op_names.MATMULS, lambda call: _linear_map(call, call.args[0], call.args[1]))
+_register(op_names.BIAS_MATMULS, lambda call: _linear_map(call, call.args[1], call.args[2]))
 
 
-@rule("convolution _convolution")
+@rule(op_names.CONVOLUTIONS)
 def _convolution(call: OpCall):
     source, weight, out = call.args[0], call.args[1], call.out
     if call.is_activation(source) and call.is_activation(weight):
@@ -296,22 +298,16 @@ def _convolution(call: OpCall):
     return Verdict(K, "convolution shrinks its input")
 
 
-constant("_scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_flash_attention "
-         "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention "
-         "_scaled_dot_product_fused_attention_overrideable _scaled_dot_product_attention_math "
-         "_flash_attention_forward _efficient_attention_forward",
-         GRAY, "attention: values weighted by activation-derived scores")
+constant(op_names.ATTENTIONS, GRAY, "attention: values weighted by activation-derived scores")
 
 
 # ---------------------------------------------------------------- reductions, normalisation, loss
-constant("sum mean amax amin max min argmax argmin var var_mean std std_mean prod norm linalg_vector_norm "
-         "logsumexp any all count_nonzero topk median mode kthvalue nonzero", K, "reduction: many inputs, one output")
-constant("_softmax _safe_softmax _log_softmax", K, "softmax normalises to a distribution: shift and scale are erased")
-constant("native_layer_norm native_group_norm native_batch_norm _native_batch_norm_legit "
-         "_native_batch_norm_legit_no_training rms_norm _fused_rms_norm",
+constant(op_names.REDUCTIONS + " nonzero", K, "reduction: many inputs, one output")
+constant(op_names.SOFTMAXES, K, "softmax normalises to a distribution: shift and scale are erased")
+constant(op_names.LAYER_NORMS + " native_group_norm native_batch_norm _native_batch_norm_legit "
+         "_native_batch_norm_legit_no_training",
          K, "normalisation erases each row's mean and scale")
-constant("nll_loss_forward nll_loss2d_forward mse_loss l1_loss smooth_l1_loss huber_loss binary_cross_entropy "
-         "binary_cross_entropy_with_logits kl_div", K, "loss: reduces to a scalar")
+constant(op_names.NLL_LOSSES + " " + op_names.ELEMENTWISE_LOSSES, K, "loss: reduces to a scalar")
 constant("tril triu tril_ triu_", K, "zeroes a triangle")
 constant("masked_fill masked_fill_ fill fill_ zero_ index_put index_put_ scatter scatter_",
          K, "overwrites elements")

@@ -26,7 +26,15 @@ from .axes import AxisSizes
 from .meta_shortcuts import MetaPointwise, matmul_applies, run_matmul
 from .mixing import NONE, mixed_axes
 from .records import OpRecord
-from .rules import DROPPING_SLICE, FACTORY_OPS, PARTITION, RANDOM_OPS, OpCall, SlicePiece, classify
+from .rules import (
+    DROPPING_SLICE,
+    FACTORY_OPS,
+    PARTITION,
+    RANDOM_OPS,
+    OpCall,
+    SlicePiece,
+    classify,
+)
 
 # Origin marks carried by traced tensors.
 _ORIGIN = "_bwsk_origin"

@@ -1,14 +1,4 @@
-"""The layout of an experiment's output directory, and the rules for writing into one.
-
-::
-
-    output_dir/
-      .hf-bwsk-run.json          marker: this runner wrote the directory (recipe, preset, seed)
-      results.json               the grid's results (docs/RESULTS_FORMAT.md)
-      <experiment>-<mode>/       finetune|scratch x conventional|bwsk-analyzed|bwsk-reversible:
-                                 model.safetensors, config.json, tokenizer files, training_results.json
-      checkpoints/               everything else: per-variant Trainer checkpoints and optimizer
-                                 states, the tiny preset's corpus and pretrained base
+"""The rules for writing into an experiment's output directory (its layout: :mod:`hf_bwsk.layout`).
 
 A variant folder appears only complete: it is written under a hidden ``.partial`` name and
 renamed. The marker tells our directories from foreign ones, which are refused unless the user
@@ -20,30 +10,20 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import BWSKError
-
-EXPERIMENTS = ("finetune", "scratch")
-MODES = ("conventional", "analyzed", "reversible")
-MODE_FOLDERS = {"conventional": "conventional", "analyzed": "bwsk-analyzed", "reversible": "bwsk-reversible"}
-EXPERIMENT_LABELS = {"finetune": "Fine-tune", "scratch": "From Scratch"}
-MODE_LABELS = {"conventional": "Conventional", "analyzed": "BWSK Analyzed", "reversible": "BWSK Reversible"}
-MARKER = ".hf-bwsk-run.json"
-RESULTS = "results.json"
-TRAINING_RESULTS = "training_results.json"
-CHECKPOINTS = "checkpoints"
-PARTIAL_SUFFIX = ".partial"
-
-
-def variant_name(experiment: str, mode: str) -> str:
-    """The folder of one variant, e.g. ``finetune-bwsk-reversible``."""
-    return f"{experiment}-{MODE_FOLDERS[mode]}"
-
-
-VARIANTS = tuple(variant_name(experiment, mode) for experiment in EXPERIMENTS for mode in MODES)
+from ..errors import BWSKError
+from ..layout import (
+    CHECKPOINTS,
+    MARKER,
+    PARTIAL_SUFFIX,
+    RESULTS,
+    TRAINING_RESULTS,
+    VARIANTS,
+    write_json,
+)
 
 
 class RunDirectory:
-    """An experiment's output directory (see the module docstring for the layout)."""
+    """An experiment's output directory (layout: :mod:`hf_bwsk.layout`)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -122,9 +102,3 @@ class RunDirectory:
         os.replace(self.partial(name), final)
         return final
 
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as indented JSON through a temporary file and a rename, so readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)

@@ -2,7 +2,7 @@
 
 Validation every epoch, early stopping on validation loss, the epoch cap, then one test evaluation
 on the best checkpoint. Checkpoints go to ``checkpoints/<variant>/``; the variant folder appears
-only once complete (see :mod:`hf_bwsk.run_dir`).
+only once complete (see :mod:`hf_bwsk.experiments.run_dir`).
 """
 
 import dataclasses
@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, TrainerCallback
 
-from .results import perplexity
-from .run_dir import TRAINING_RESULTS, RunDirectory, variant_name, write_json
-from .training_args import BWSKTrainingArguments
+from ..layout import TRAINING_RESULTS, variant_name, write_json
+from ..training.args import BWSKTrainingArguments
+from ..training.callback import perplexity
+from ..training.trainer import BWSKTrainer
+from .run_dir import RunDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +83,13 @@ def train_variant(grid: Grid, experiment: str, mode: str) -> dict:
     A variant a resumed run already finished is read back, not retrained; an interrupted one
     continues from its last checkpoint.
     """
-    from transformers import AutoModelForCausalLM, EarlyStoppingCallback, default_data_collator, set_seed
+    from transformers import (
+        AutoModelForCausalLM,
+        EarlyStoppingCallback,
+        default_data_collator,
+        set_seed,
+    )
     from transformers.trainer_utils import get_last_checkpoint
-
-    from .trainer import BWSKTrainer
 
     name = variant_name(experiment, mode)
     if grid.run_dir.finished(name):

@@ -36,7 +36,12 @@ def make_base(tiny: TinyBase, *, tokenizer, base_file: str, block_size: int, tra
     process writes. Runs with the user's training arguments except for what a pretraining without
     evaluation needs. Returns ``directory``; a directory already made is reused as is.
     """
-    from transformers import AutoModelForCausalLM, Trainer, default_data_collator, set_seed
+    from transformers import (
+        AutoModelForCausalLM,
+        Trainer,
+        default_data_collator,
+        set_seed,
+    )
 
     directory = Path(directory)
     if is_made(directory):

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BWSKError
+from ..errors import BWSKError
 
 SPLITS = ("train", "validation", "test")
 

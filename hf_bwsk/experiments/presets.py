@@ -1,8 +1,8 @@
 """Experiment presets: the published configurations ("full") and their offline miniatures ("tiny").
 
 A preset says what to train and on what (base model, data, sizes, learning rates); the runner in
-:mod:`hf_bwsk.experiment` does the rest the same way for every preset. A recipe for another model
-is a dict of presets like :data:`PYTHIA_PRESETS` plus one call to :func:`hf_bwsk.experiment.main`.
+:mod:`hf_bwsk.experiments.runner` does the rest the same way for every preset. A recipe for another model
+is a dict of presets like :data:`PYTHIA_PRESETS` plus one call to :func:`hf_bwsk.recipe.main`.
 """
 
 from collections.abc import Callable
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from transformers import GPTNeoXConfig, MambaConfig, PretrainedConfig
 
+from ..errors import BWSKError
 from .data import HubText, TinyCorpus
-from .errors import BWSKError
 
 WIKITEXT_2 = HubText("wikitext", "wikitext-2-raw-v1")
 

@@ -46,8 +46,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .analysis.records import OpRecord
-from .errors import BWSKError
+from ..analysis.records import OpRecord
+from ..errors import BWSKError
 
 
 class OpKey(NamedTuple):

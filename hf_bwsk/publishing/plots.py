@@ -8,8 +8,9 @@ carry no software/time metadata: the same results give the same bytes.
 import importlib.util
 import io
 
-from .cards import EXPERIMENT_LABELS, EXPERIMENTS, MODE_LABELS, MODES, memory_note
-from .errors import BWSKError
+from ..errors import BWSKError
+from ..formatting import memory_note
+from ..layout import EXPERIMENT_LABELS, EXPERIMENTS, MODE_LABELS, MODES
 
 MODE_COLORS = {"conventional": "tab:gray", "analyzed": "tab:blue", "reversible": "tab:green"}
 # Modes with the same gradients give the same curves: decreasing widths keep coinciding lines visible.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .errors import BWSKError
+from ..errors import BWSKError
 
 BWSK_MODES = ("conventional", "analyzed", "reversible")
 

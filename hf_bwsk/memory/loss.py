@@ -12,22 +12,30 @@ divided by ``num_items_in_batch`` under gradient accumulation.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
-from .errors import BWSKError
-
-# Precomputed weight/bias gradients held for backward. They are the `.grad` backward would allocate
-# anyway, so memory accounting (hf_bwsk.memory) reports them apart from activations.
-# Keyed by id(): tensors compare element-wise, so they cannot live in a WeakSet.
-_WEIGHT_GRAD_BUFFERS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+from ..errors import BWSKError
 
 
-def live_weight_grad_buffers() -> list[torch.Tensor]:
-    """The head weight/bias gradients that fused losses computed in forward and still hold for backward."""
-    return list(_WEIGHT_GRAD_BUFFERS.values())
+def head_grad_buffers(loss) -> list[torch.Tensor]:
+    """The head weight/bias gradients that the fused losses under ``loss`` (a tensor or its ``grad_fn``)
+    computed in forward and still hold.
+
+    They are the ``.grad`` backward would allocate anyway, so memory accounting reports them apart
+    from activations. Found by walking ``loss``'s autograd graph to our own nodes (the backward node
+    of a custom Function is its ``ctx``); empty once backward has handed them over.
+    """
+    buffers, pending, seen = [], [loss.grad_fn if torch.is_tensor(loss) else loss], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "_forward_cls", None) is _FusedLinearCrossEntropy:
+            buffers.extend(grad for grad in (node.grads or (None,))[1:] if grad is not None)
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return buffers
 
 
 def fused_linear_cross_entropy(
@@ -119,12 +127,7 @@ def _chunked_loss_and_grads(hidden_states, weight, bias, targets, num_items_in_b
 
     # Ignored positions (the shifted-out last token, padding) need no logits at all.
     positions = (targets != ignore_index).nonzero().squeeze(1)
-    if num_items_in_batch is None:
-        denominator = positions.numel()
-    elif torch.is_tensor(num_items_in_batch):
-        denominator = num_items_in_batch.to(hidden_states.device)
-    else:
-        denominator = num_items_in_batch
+    denominator = _denominator(num_items_in_batch, positions.numel(), hidden_states.device)
 
     # Accumulate low-precision weight gradients in fp32, as a single matmul over all tokens would.
     accumulate_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -150,17 +153,8 @@ def _chunked_loss_and_grads(hidden_states, weight, bias, targets, num_items_in_b
             # token count of a large batch its small entries would flush to zero in fp16.
             grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
             grad_logits[torch.arange(rows.numel(), device=rows.device), chunk_targets] -= 1
-            grad_logits = grad_logits.to(compute_dtype)
-            if need_hidden:
-                grad_hidden.index_copy_(0, rows, (grad_logits @ head_weight).to(grad_hidden.dtype))
-            if need_weight:
-                if grad_logits.dtype == accumulate_dtype:
-                    # The out= form, not addmm_: FLOP counters (torch.utils.flop_counter) skip addmm_.
-                    torch.addmm(grad_weight, grad_logits.t(), chunk_hidden, out=grad_weight)
-                else:
-                    grad_weight += grad_logits.t() @ chunk_hidden
-            if need_bias:
-                grad_bias += grad_logits.sum(0)
+            _accumulate_chunk_grads(grad_logits.to(compute_dtype), rows, chunk_hidden, head_weight,
+                                    grad_hidden, grad_weight, grad_bias)
     loss = loss_sum / denominator
     if positions.numel():  # with every token ignored the grads stay zero, as HF's
         for grad in (grad_hidden, grad_weight, grad_bias):
@@ -174,6 +168,29 @@ def _chunked_loss_and_grads(hidden_states, weight, bias, targets, num_items_in_b
     return loss, grads
 
 
+def _denominator(num_items_in_batch, counted_tokens: int, device):
+    """What the summed loss is divided by: HF's ``num_items_in_batch`` when given, else the counted tokens."""
+    if num_items_in_batch is None:
+        return counted_tokens
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(device)
+    return num_items_in_batch
+
+
+def _accumulate_chunk_grads(grad_logits, rows, chunk_hidden, head_weight, grad_hidden, grad_weight, grad_bias):
+    """Add one chunk's share to the hidden-state, weight and bias gradients (each None when not needed)."""
+    if grad_hidden is not None:
+        grad_hidden.index_copy_(0, rows, (grad_logits @ head_weight).to(grad_hidden.dtype))
+    if grad_weight is not None:
+        if grad_logits.dtype == grad_weight.dtype:
+            # The out= form, not addmm_: FLOP counters (torch.utils.flop_counter) skip addmm_.
+            torch.addmm(grad_weight, grad_logits.t(), chunk_hidden, out=grad_weight)
+        else:
+            grad_weight += grad_logits.t() @ chunk_hidden
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Forward computes loss and gradients together; backward scales the stored gradients."""
 
@@ -183,9 +200,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hidden_states, weight, bias, targets, num_items_in_batch, ignore_index, chunk_size,
             ctx.needs_input_grad[:3],
         )
-        for parameter_grad in grads[1:]:
-            if parameter_grad is not None:
-                _WEIGHT_GRAD_BUFFERS[id(parameter_grad)] = parameter_grad
         ctx.grads = grads
         return loss
 
@@ -198,9 +212,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             )
         # Hand the buffers over (drop our reference) so autograd can adopt them as `.grad` without a copy.
         grads, ctx.grads = ctx.grads, None
-        for parameter_grad in grads[1:]:
-            if parameter_grad is not None:
-                del _WEIGHT_GRAD_BUFFERS[id(parameter_grad)]
         # In place: the buffers are ours alone now, and a copy would add a weight-sized tensor at the
         # moment of peak memory (start of backward) whenever grad_output != 1 (e.g. fp16 loss scaling).
         for grad in grads:

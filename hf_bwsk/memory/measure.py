@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from .loss import live_weight_grad_buffers
+from .loss import head_grad_buffers
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class LiveStorageTracker(TorchDispatchMode):
 
         with LiveStorageTracker() as tracker:
             loss = model(**batch).loss
-        kept = tracker.live_bytes()  # read before backward frees the graph
+        kept = tracker.live_bytes(loss)  # read before backward frees the graph
         loss.backward()
     """
 
@@ -79,10 +79,15 @@ class LiveStorageTracker(TorchDispatchMode):
         """Stop recording; the storages seen so far stay tracked for ``live_bytes()``."""
         self.__exit__(None, None, None)
 
-    def live_bytes(self) -> MemoryMeasurement:
-        """Bytes of the storages created while recording that are alive now."""
+    def live_bytes(self, loss=None) -> MemoryMeasurement:
+        """Bytes of the storages created while recording that are alive now.
+
+        The head gradients that fused losses under ``loss`` (a tensor or its ``grad_fn``) precomputed
+        are reported apart.
+        """
         gc.collect()  # reference cycles would otherwise keep dead storages alive at random
-        grad_buffers = {StorageWeakRef(t.untyped_storage()).cdata for t in live_weight_grad_buffers()}
+        held = [] if loss is None else head_grad_buffers(loss)
+        grad_buffers = {StorageWeakRef(t.untyped_storage()).cdata for t in held}
         activation_bytes = grad_buffer_bytes = count = 0
         for cdata, (ref, nbytes) in self._created.items():
             if ref.expired():
@@ -107,7 +112,7 @@ def bytes_kept_for_backward(fn: Callable[[], Any]) -> MemoryMeasurement:
     """
     with LiveStorageTracker() as tracker:
         result = fn()
-    measurement = tracker.live_bytes()
+    measurement = tracker.live_bytes(result if torch.is_tensor(result) else None)
     del result
     return measurement
 
@@ -117,3 +122,43 @@ def count_train_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+class FirstStepMemory:
+    """Bytes the first training forward of ``model`` keeps for backward (deterministic, any device).
+
+    Tracking starts in a forward pre-hook and is read when backward reaches the loss, i.e. after
+    the forward's outputs other than the loss were dropped and before backward frees anything.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.measurement: MemoryMeasurement | None = None
+        self._tracker: LiveStorageTracker | None = None
+        self._handles = [
+            model.register_forward_pre_hook(self._start),
+            model.register_forward_hook(self._stop),
+        ]
+
+    def _start(self, module, args):
+        if module.training and self._tracker is None and self.measurement is None:
+            self._tracker = LiveStorageTracker().start()
+
+    def _stop(self, module, args, output):
+        if self._tracker is None:
+            return
+        tracker, self._tracker = self._tracker, None
+        tracker.stop()
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if loss is not None and loss.requires_grad:
+            node = loss.grad_fn  # not the tensor: its own hook would then keep it alive
+
+            def measure(grad):
+                self.measurement = tracker.live_bytes(node)
+                self.remove()
+
+            loss.register_hook(measure)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

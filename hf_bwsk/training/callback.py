@@ -6,36 +6,19 @@ ratios and the reversible mode's status). Field names follow `docs/RESULTS_FORMA
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from .env import versions
-from .memory import LiveStorageTracker, MemoryMeasurement
+from ..env import versions
+from ..layout import TRAINING_RESULTS, write_json
+from ..memory import FirstStepMemory
 
-TRAINING_RESULTS = "training_results.json"
 _MB = 2**20
-
-
-def update_training_results(output_dir: str | os.PathLike, **fields: Any) -> dict:
-    """Merge `fields` into `output_dir/training_results.json` (e.g. the runner's test metric); returns it."""
-    path = Path(output_dir) / TRAINING_RESULTS
-    record = json.loads(path.read_text(encoding="utf-8"))
-    record.update(fields)
-    _write_json(path, record)
-    return record
-
-
-def _write_json(path: Path, record: dict) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    temporary.replace(path)
 
 
 def _precision(args) -> str:
@@ -49,46 +32,13 @@ def _device(args) -> str:
     return device.type
 
 
+def perplexity(mean_nll: float) -> float:
+    """exp of a token-weighted mean negative log-likelihood (inf where exp overflows)."""
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
+
+
 def _finite(value: float) -> bool:
     return not (math.isnan(value) or math.isinf(value))
-
-
-class _FirstStepMemory:
-    """Bytes the first training forward keeps for backward (deterministic, any device).
-
-    Tracking starts in a forward pre-hook and is read when backward reaches the loss, i.e. after
-    the forward's outputs other than the loss were dropped and before backward frees anything.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.measurement: MemoryMeasurement | None = None
-        self._tracker: LiveStorageTracker | None = None
-        self._handles = [
-            model.register_forward_pre_hook(self._start),
-            model.register_forward_hook(self._stop),
-        ]
-
-    def _start(self, module, args):
-        if module.training and self._tracker is None and self.measurement is None:
-            self._tracker = LiveStorageTracker().start()
-
-    def _stop(self, module, args, output):
-        if self._tracker is None:
-            return
-        tracker, self._tracker = self._tracker, None
-        tracker.stop()
-        loss = output.get("loss") if isinstance(output, dict) else None
-        if loss is not None and loss.requires_grad:
-            def measure(grad):
-                self.measurement = tracker.live_bytes()
-                self.remove()
-
-            loss.register_hook(measure)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 class BWSKCallback(TrainerCallback):
@@ -119,7 +69,7 @@ class BWSKCallback(TrainerCallback):
         self._cuda = torch.device(args.device).type == "cuda"
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(args.device)
-        self._memory = _FirstStepMemory(model)
+        self._memory = FirstStepMemory(model)
         self._token_hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
 
     def _count_tokens(self, module, args, kwargs):
@@ -140,7 +90,7 @@ class BWSKCallback(TrainerCallback):
             return
         record = self.results(args, state, model, wall_time)
         os.makedirs(args.output_dir, exist_ok=True)
-        _write_json(Path(args.output_dir) / TRAINING_RESULTS, record)
+        write_json(Path(args.output_dir) / TRAINING_RESULTS, record)
 
     def results(self, args, state, model, wall_time: float) -> dict:
         """The `training_results.json` record (schema: docs/RESULTS_FORMAT.md)."""
@@ -148,7 +98,7 @@ class BWSKCallback(TrainerCallback):
         evals = [log for log in state.log_history if "eval_loss" in log]
         val_curve = [
             {"step": log["step"], "epoch": log.get("epoch"), "loss": log["eval_loss"],
-             "perplexity": math.exp(log["eval_loss"]) if log["eval_loss"] < 700 else math.inf}
+             "perplexity": perplexity(log["eval_loss"])}
             for log in evals
         ]
         best = min((entry for entry in val_curve if _finite(entry["loss"])), key=lambda e: e["loss"], default=None)

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .errors import BWSKError
+from ..errors import BWSKError
 
 BUILTIN_MODELS = {
     "pythia-70m": "EleutherAI/pythia-70m",
@@ -104,7 +104,11 @@ def _from_directory(path: Path) -> PretrainedConfig:
 
 
 def _from_hub(hub_id: str) -> PretrainedConfig:
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return AutoConfig.from_pretrained(hub_id)

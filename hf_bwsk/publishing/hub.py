@@ -12,24 +12,17 @@ creates the repo and uploads all files in ONE ``create_commit``, so a failure le
 as it was. The token is passed to huggingface_hub and never logged, written or put in a message.
 """
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cards import VARIANTS, card_files, load_run
-from .errors import BWSKError
+from ..errors import BWSKError
+from ..layout import RESULTS
+from .cards import card_files
+from .run import Run, load_run
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-MODEL_FILES = ("config.json", "generation_config.json", "training_results.json")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-)
-REQUIRED_FILES = ("config.json", "training_results.json", "tokenizer_config.json")
 DEFAULT_COMMIT_MESSAGE = "Upload BWSK run: 6 variants, card, results"
 
 
@@ -70,58 +63,12 @@ class PushResult:
         return "\n".join(lines)
 
 
-def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as weights:
-            weights.keys()
-    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
-        raise BWSKError(f"{path} is not a readable safetensors file ({error}); re-save the variant") from error
-
-
-def variant_files(folder: str | Path) -> list[Path]:
-    """The files one variant folder publishes, after checking it is complete; refuses naming what is missing."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BWSKError(f"variant {folder.name} is missing ({folder}); train it before publishing")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        raise BWSKError(f"variant {folder.name} is incomplete: {', '.join(missing)} missing in {folder}")
-    if (folder / WEIGHTS_INDEX).is_file():
-        shards = sorted(set(json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values()))
-        weights = [folder / WEIGHTS_INDEX] + [folder / shard for shard in shards]
-        absent = [path.name for path in weights if not path.is_file()]
-        if absent:
-            raise BWSKError(f"variant {folder.name} is incomplete: shards {', '.join(absent)} missing in {folder}")
-    elif (folder / WEIGHTS).is_file():
-        weights = [folder / WEIGHTS]
-    else:
-        raise BWSKError(
-            f"variant {folder.name} has no {WEIGHTS} in {folder}; save it with save_pretrained() "
-            "(safetensors is the only weight format published)"
-        )
-    for path in weights:
-        if path.suffix == ".safetensors":
-            _check_safetensors(path)
-    extras = [folder / name for name in MODEL_FILES + TOKENIZER_FILES if (folder / name).is_file()]
-    return sorted(weights + extras, key=lambda path: path.name)
-
-
-def check_run(run_dir: str | Path) -> dict[str, list[Path]]:
-    """Refuse a run directory with a missing, incomplete or mislabelled variant; return each variant's files."""
-    run_dir = Path(run_dir)
-    load_run(run_dir)
-    return {variant: variant_files(run_dir / variant) for variant in VARIANTS}
-
-
-def repo_files(run_dir: str | Path, *, repo_id: str | None = None, license: str = "mit") -> list[RepoFile]:
+def repo_files(run_dir: "str | Path | Run", *, repo_id: str | None = None, license: str = "mit") -> list[RepoFile]:
     """Every file of the consolidated repo, checked and sorted by path; README and plots rendered in memory."""
-    run_dir = Path(run_dir)
-    variants = check_run(run_dir)
-    files = [RepoFile(path, content) for path, content in card_files(run_dir, repo_id=repo_id, license=license).items()]
-    files.append(RepoFile("results.json", run_dir / "results.json"))
-    for variant, paths in variants.items():
+    run = load_run(run_dir)
+    files = [RepoFile(path, content) for path, content in card_files(run, repo_id=repo_id, license=license).items()]
+    files.append(RepoFile(RESULTS, run.run_dir / RESULTS))
+    for variant, paths in run.files.items():
         files.extend(RepoFile(f"{variant}/{path.name}", path) for path in paths)
     return sorted(files, key=lambda f: f.path_in_repo)
 
@@ -240,13 +187,13 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    check_run(run_dir)  # a bad run directory is refused before the network is touched
+    run = load_run(run_dir)  # a bad run directory is refused before the network is touched
     token = _resolve_token(token)
     api = HfApi(endpoint=endpoint, token=token)
     account = _who(api, token)
     if "/" not in repo_id:
         repo_id = f"{account}/{repo_id}"
-    files = repo_files(run_dir, repo_id=repo_id, license=license)
+    files = repo_files(run, repo_id=repo_id, license=license)
     _refuse_token_in_files(files, token)
     _remote_step("repo creation", lambda: api.create_repo(repo_id, private=private, exist_ok=True), repo_id)
     if revision != "main":

@@ -17,12 +17,11 @@ from pathlib import Path
 
 from transformers import Trainer
 
+from ..errors import BWSKError
+from ..layout import CALM_REPORT, SK_REPORT
+from ..memory import ReversibleMode
+from ..rng import forked_rng
 from .callback import BWSKCallback
-from .errors import BWSKError
-from .reversible import ReversibleMode, forked_rng
-
-SK_REPORT = "sk_report.json"
-CALM_REPORT = "calm_report.json"
 
 
 class BWSKTrainer(Trainer):
@@ -58,7 +57,7 @@ class BWSKTrainer(Trainer):
         self._first_step_pending = True
         if self.bwsk_mode == "analyzed":
             return super().train(*args, **kwargs)
-        from .analysis import find_decoder_layers
+        from ..analysis import find_decoder_layers
 
         self.reversible_mode = ReversibleMode(
             self.model,
@@ -74,7 +73,7 @@ class BWSKTrainer(Trainer):
 
     def _analyze(self):
         """S/K + CALM analysis of the model, reports written by the main process; RNG untouched."""
-        from .analysis import analyze, calm_report
+        from ..analysis import analyze, calm_report
 
         model = self.accelerator.unwrap_model(self.model)
         with forked_rng(next(model.parameters()).device):
@@ -116,7 +115,7 @@ class BWSKTrainer(Trainer):
         """Write the BWSK card of this run (from its `training_results.json`) as `output_dir/README.md`."""
         if not self.is_world_process_zero():
             return
-        from .cards import render_variant_card
+        from .model_card import render_variant_card
 
         model = self.accelerator.unwrap_model(self.model)
         base_model = finetuned_from or getattr(getattr(model, "config", None), "name_or_path", None) or None

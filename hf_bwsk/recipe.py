@@ -1,0 +1,73 @@
+"""The recipes' entry point: train the 3 modes x 2 experiments grid, write ``results.json``, print the
+tables, push if asked.
+
+A recipe is a dict of presets plus one call::
+
+    from hf_bwsk.experiments.presets import PYTHIA_PRESETS
+    from hf_bwsk.recipe import main
+
+    if __name__ == "__main__":
+        main(PYTHIA_PRESETS)
+
+Flags come from :class:`~hf_bwsk.experiments.args.ExperimentArguments` and
+:class:`~hf_bwsk.training.BWSKTrainingArguments` (``--help`` lists them all); the chosen preset
+supplies the defaults of sizes and learning rates. ``results.json`` is described in
+``docs/RESULTS_FORMAT.md``.
+"""
+
+import sys
+from pathlib import Path
+
+from .errors import BWSKError
+from .experiments.args import ExperimentArguments, parse_arguments
+from .experiments.presets import Preset, get_preset
+from .experiments.runner import run_grid
+from .layout import write_json
+from .publishing.hub import check_repo_id, check_token, push
+from .publishing.results import assemble_results, format_tables
+from .training.args import BWSKTrainingArguments
+
+
+def main(presets: dict[str, Preset], args: list[str] | None = None) -> dict | None:
+    """Parse flags (or a YAML/JSON file), run the grid, print the tables, push if asked.
+
+    A BWSKError is printed as one line and exits with status 2. Returns the results on the main process.
+    """
+    try:
+        experiment_args, training_args = parse_arguments(presets, args)
+        preset = get_preset(presets, experiment_args.preset)
+        results = run_experiment(preset, experiment_args, training_args)
+    except BWSKError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if training_args.process_index == 0:
+        print(format_tables(results))
+        print(f"Results: {Path(training_args.output_dir) / 'results.json'}")
+        return results
+    return None
+
+
+def run_experiment(preset: Preset, args: ExperimentArguments, training_args: BWSKTrainingArguments,
+                   *, callbacks: tuple = ()) -> dict:
+    """Train the requested variants of ``preset`` and write ``results.json``; return its content.
+
+    ``callbacks`` are added to every variant's trainer. Every input check happens before training.
+    """
+    if training_args.push_to_hub:
+        _check_push(args, training_args)
+    grid_run = run_grid(preset, args, training_args, callbacks=callbacks)
+    results = assemble_results(preset=preset, runs=grid_run.runs, **grid_run.provenance)
+    if training_args.process_index == 0:
+        write_json(grid_run.run_dir.results_path, results)
+        if training_args.push_to_hub:
+            push(grid_run.run_dir.path, args.hub_repo_id, private=bool(training_args.hub_private_repo),
+                 revision=training_args.hub_revision, token=training_args.hub_token)
+    return results
+
+
+def _check_push(args: ExperimentArguments, training_args: BWSKTrainingArguments) -> None:
+    """Refuse a push that would fail after training: no or malformed repo id, missing or rejected token."""
+    if not args.hub_repo_id:
+        raise BWSKError("--push_to_hub needs --hub_repo_id namespace/name (the six variants go to one repo)")
+    check_repo_id(args.hub_repo_id)
+    check_token(training_args.hub_token)
