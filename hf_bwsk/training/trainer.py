@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import Trainer
 
 from ..errors import BWSKError
-from ..layout import CALM_REPORT, SK_REPORT
+from ..layout import CALM_REPORT, README, SK_REPORT
 from ..memory import ReversibleMode
 from ..rng import forked_rng
 from .callback import BWSKCallback
@@ -123,5 +123,5 @@ class BWSKTrainer(Trainer):
             self.args.output_dir, repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
             base_model=base_model, dataset=dataset, license=license or "mit",
         )
-        Path(self.args.output_dir, "README.md").write_text(card, encoding="utf-8")
+        Path(self.args.output_dir, README).write_text(card, encoding="utf-8")
 
