@@ -35,7 +35,7 @@ from .layer_trace import trace_layers
 from .loss import fused_linear_cross_entropy
 from .plan import RecomputePlan, plan_recompute
 from .policy import LayerPathTracker, SelectivePolicy
-from .support import LOSS_ONLY_INPUTS, unsupported_reason
+from .support import LOSS_ONLY_INPUTS, inside_forward, unsupported_reason
 
 
 class ReversibleMode:
@@ -139,11 +139,12 @@ class ReversibleMode:
                 "call model.activation_checkpointing_disable() first"
             )
         self._had_input_grad_hooks = bool(getattr(model, "_require_grads_hooks", None))
-        reason = unsupported_reason(model, self.find_layers, batch)
+        # Inside the model's own call: FSDP2 gathers the root's parameters there.
+        reason = inside_forward(model, lambda: unsupported_reason(model, self.find_layers, batch))
         if reason is not None:
             return self._fall_back(reason)
         layers_path, layers = self.find_layers(model)
-        trace = trace_layers(model, layers_path, layers, batch)
+        trace = inside_forward(model, lambda: trace_layers(model, layers_path, layers, batch))
         plan = plan_recompute(
             trace.records, trace.layer_input_bytes, self.memory_budget_bytes,
             batch_size=trace.batch_size, hidden_size=trace.hidden_size,
