@@ -8,7 +8,6 @@ and answers what the `RecomputePlan` says.
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 
 import torch
 from torch.utils.checkpoint import (
@@ -97,6 +96,16 @@ class SelectivePolicy:
         self._ops: dict = {}
         self._warned: set[str] = set()
 
+    @property
+    def plan(self) -> RecomputePlan:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: RecomputePlan) -> None:
+        self._plan = plan
+        # One dict lookup per op, by plain tuple (an OpKey hashes and compares as its tuple).
+        self._planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True)}
+
     def _op(self, func) -> tuple[str, bool]:
         found = self._ops.get(func)
         if found is None:
@@ -114,27 +123,31 @@ class SelectivePolicy:
         if layer is None:
             self._warn_once("layer", "bwsk reversible mode: a checkpointed layer started with no layer index (the "
                             "decoder-layer hooks did not run), so every op misses the recompute plan")
-        counts = {False: Counter(), True: Counter()}
+        return create_selective_checkpoint_contexts(self.layer_policy(layer))
+
+    def layer_policy(self, layer: int | None):
+        """The per-op policy function of one layer call (torch's `policy_fn(ctx, func, *args, **kwargs)`)."""
+        counts: dict[bool, dict] = {False: {}, True: {}}
 
         def policy(ctx, func, *args, **kwargs):
             name, expensive = self._op(func)
             path = self.tracker.path
-            seen = counts[ctx.is_recompute]
-            occurrence = seen[(path, name)]
-            seen[(path, name)] += 1
-            key = OpKey(layer, path, name, occurrence)
-            keep = self.plan.decision(key)
+            seen, group = counts[ctx.is_recompute], (path, name)
+            occurrence = seen.get(group, 0)
+            seen[group] = occurrence + 1
+            keep = self._planned.get((layer, path, name, occurrence))
             if keep is None:
-                keep = self.plan.keeps(key, expensive)
+                key = OpKey(layer, path, name, occurrence)
+                keep = self._plan.keeps(key, expensive)
                 if not ctx.is_recompute:
                     self._count_unplanned(key, expensive, keep)
             elif not ctx.is_recompute:
                 self.fidelity["plan_hits"] += 1
             if self.decisions is not None and not ctx.is_recompute:
-                self.decisions[key] = keep
+                self.decisions[OpKey(layer, path, name, occurrence)] = keep
             return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
-        return create_selective_checkpoint_contexts(policy)
+        return policy
 
     def _count_unplanned(self, key: OpKey, expensive: bool, keep: bool) -> None:
         if not expensive:
