@@ -22,14 +22,14 @@ def reversible(model, batch):
     return mode
 
 
-def record(index, op, flops=0, output_shape=(1, 8, 32), layer=0, data_path=True, producers=()):
+def record(index, op, flops=0, output_shape=(1, 8, 32), layer=0, data_path=True, producers=(), kind="Gray"):
     numel = 1
     for size in output_shape:
         numel *= size
     return OpRecord(
         index=index, op=op, module_path=f"layers.{layer}.block", module_class="Block", layer=layer,
         input_shapes=((1, 8, 32),), output_shapes=(output_shape,), output_bytes=4 * numel, flops=flops,
-        kind="Gray", reason="", data_path=data_path, mixes=frozenset(), path_in_layer="block",
+        kind=kind, reason="", data_path=data_path, mixes=frozenset(), path_in_layer="block",
         producers=producers, activation_input_numel=8 * 32,
     )
 
@@ -117,12 +117,13 @@ def test_a_layer_without_its_index_warns_that_every_op_misses():
 
 
 def test_unknown_ops_on_the_data_path_are_kept_and_known_cheap_ones_recomputed():
-    # A custom attention kernel (no FLOP formula, no S/K rule) between two projections.
+    # A custom kernel (no FLOP formula, no S/K rule) that widens into a K op: the shape the default
+    # plan recomputes when it can cost the op, kept here because it cannot.
     records = [
-        record(0, "aten.mm.default", flops=2 * 8 * 32 * 128, output_shape=(1, 8, 128)),
-        record(1, "flash_attn._flash_attn_forward.default", producers=(0,)),
-        record(2, "aten.add.Tensor", producers=(1,)),
-        record(3, "aten.gelu.default", producers=(2,)),
+        record(0, "aten.mm.default", flops=2 * 8 * 32 * 32),
+        record(1, "flash_attn._flash_attn_forward.default", output_shape=(1, 8, 128), producers=(0,)),
+        record(2, "aten.add.Tensor", output_shape=(1, 8, 128), producers=(1,), kind="S"),
+        record(3, "aten.gelu.default", output_shape=(1, 8, 128), producers=(2,), kind="K"),
         record(4, "mylib.mask_builder.default", data_path=False),
     ]
     plan = plan_recompute(records, [1024], hidden_size=32)

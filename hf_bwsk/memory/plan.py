@@ -214,7 +214,8 @@ def plan_recompute(
     if budget_bytes is None:
         recompute = {
             i for i in expensive
-            if i not in unknown and _narrow(by_index[i], hidden_size) or (_widens(by_index[i]) and feeds_k_op(by_index, consumers, i))
+            if i not in unknown
+            and (_narrow(by_index[i], hidden_size) or (_widens(by_index[i]) and feeds_k_op(by_index, consumers, i)))
         }
         keep = [i for i in expensive if i not in recompute]
         keep_unseen = True

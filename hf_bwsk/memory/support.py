@@ -35,15 +35,16 @@ def distributed_refusal(fsdp_plugin=None, deepspeed_plugin=None) -> str | None:
     """
     if fsdp_plugin is not None:
         if getattr(fsdp_plugin, "fsdp_version", 1) != 2:
-            return "bwsk_mode='reversible' supports FSDP version 2 only: set fsdp_version: 2 (recipes/accelerate_configs/fsdp.yaml)"
+            return ("bwsk_mode='reversible' supports FSDP version 2 only: set fsdp_version: 2 "
+                    "(recipes/accelerate_configs/fsdp.yaml)")
         if getattr(fsdp_plugin, "activation_checkpointing", False):
             return ("bwsk_mode='reversible' checkpoints the decoder layers itself: set fsdp_activation_checkpointing: "
                     "false, or train with bwsk_mode='conventional' to keep FSDP's")
         if getattr(fsdp_plugin, "cpu_offload", None) and not _offload_disabled(fsdp_plugin.cpu_offload):
             return "bwsk_mode='reversible' does not support FSDP CPU offload: set fsdp_offload_params: false"
     if deepspeed_plugin is not None and getattr(deepspeed_plugin, "zero_stage", 0) == 3:
-        return ("bwsk_mode='reversible' does not support DeepSpeed ZeRO-3 (the fused loss needs the whole head weight): "
-                "use FSDP2 (recipes/accelerate_configs/fsdp.yaml) or ZeRO stage 1 or 2")
+        return ("bwsk_mode='reversible' does not support DeepSpeed ZeRO-3 (the fused loss needs the whole head "
+                "weight): use FSDP2 (recipes/accelerate_configs/fsdp.yaml) or ZeRO stage 1 or 2")
     return None
 
 
