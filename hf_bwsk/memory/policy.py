@@ -2,7 +2,9 @@
 
 Selective activation checkpointing asks a policy about every aten op of a checkpointed layer. The
 policy rebuilds the op's `OpKey` (layer, module path in the layer, op, occurrence) from module hooks
-and answers what the `RecomputePlan` says.
+and answers what the `RecomputePlan` says, counting how often it could (`SelectivePolicy.fidelity`).
+The policy runs for every op of every checkpointed layer, forward and recompute, so what it needs per
+aten overload (name, cost class) is computed once, and a decision is one dict lookup.
 """
 
 from __future__ import annotations
