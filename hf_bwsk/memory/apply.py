@@ -35,7 +35,7 @@ from .layer_trace import trace_layers
 from .loss import fused_linear_cross_entropy
 from .plan import RecomputePlan, plan_recompute
 from .policy import LayerPathTracker, SelectivePolicy
-from .support import LOSS_ONLY_INPUTS, unsupported_reason
+from .support import LOSS_ONLY_INPUTS, inside_forward, unsupported_reason
 
 
 class ReversibleMode:
@@ -69,6 +69,7 @@ class ReversibleMode:
         self.loss_chunk_size = loss_chunk_size
         self.memory_budget_bytes = memory_budget_bytes
         self.plan: RecomputePlan | None = None
+        self.policy: SelectivePolicy | None = None
         self._status: dict[str, Any] = {"status": "pending", "reason": None}
         self._fused_loss = False
         self._tracker: LayerPathTracker | None = None
@@ -138,18 +139,20 @@ class ReversibleMode:
                 "call model.activation_checkpointing_disable() first"
             )
         self._had_input_grad_hooks = bool(getattr(model, "_require_grads_hooks", None))
-        reason = unsupported_reason(model, self.find_layers, batch)
+        # Inside the model's own call: FSDP2 gathers the root's parameters there.
+        reason = inside_forward(model, lambda: unsupported_reason(model, self.find_layers, batch))
         if reason is not None:
             return self._fall_back(reason)
         layers_path, layers = self.find_layers(model)
-        trace = trace_layers(model, layers_path, layers, batch)
+        trace = inside_forward(model, lambda: trace_layers(model, layers_path, layers, batch))
         plan = plan_recompute(
             trace.records, trace.layer_input_bytes, self.memory_budget_bytes,
             batch_size=trace.batch_size, hidden_size=trace.hidden_size,
         )
         self.plan = plan
         self._tracker = LayerPathTracker(layers)
-        self._enable_checkpointing({"use_reentrant": False, "context_fn": SelectivePolicy(plan, self._tracker)})
+        self.policy = SelectivePolicy(plan, self._tracker)
+        self._enable_checkpointing({"use_reentrant": False, "context_fn": self.policy})
         self._fused_loss = True
         self._status = {
             "status": "active",
@@ -159,6 +162,8 @@ class ReversibleMode:
             "loss": "fused_linear_cross_entropy",
             "loss_chunk_size": self.loss_chunk_size,
             "plan": plan.summary(),
+            # Live: the policy counts as training runs, so results files written at the end hold the totals.
+            "plan_fidelity": self.policy.fidelity,
         }
         return self.status()
 

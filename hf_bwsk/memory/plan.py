@@ -35,6 +35,12 @@ convolutions, attention):
   width. Contractions over the layer width (attention and MLP projections, attention at context
   >= d/2) stay above it, so transformer plans do not change. The width comes from the layer
   input (`hidden_size`); without it no op counts as narrow.
+
+  An op the analysis has no rule and no FLOP formula for (a custom kernel: flash-attention-2, a
+  kernel loaded from the Hub) may be as costly as attention: on the data path it counts as
+  *unknown* and is kept, never recomputed as if it were cheap. Known cheap ops (`known_cheap`:
+  every aten op the S/K rules know, matmul, convolution and attention families aside) are
+  recomputed.
 * Budget plan: start from full recomputation (only the layer inputs are kept, as HF activation
   checkpointing does) and keep the expensive outputs that save the most recompute FLOPs per byte
   until the byte budget is full (greedy knapsack).
@@ -46,8 +52,15 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..analysis import op_names
 from ..analysis.records import OpRecord
+from ..analysis.rules import RULES
 from ..errors import BWSKError
+
+# Op families that cost FLOPs per element on the order of the layer width: never cheap.
+_COSTLY_FAMILIES = frozenset(
+    f"{op_names.MATMULS} {op_names.BIAS_MATMULS} {op_names.CONVOLUTIONS} {op_names.ATTENTIONS}".split()
+)
 
 
 class OpKey(NamedTuple):
@@ -71,12 +84,23 @@ class RecomputePlan:
     layer_flops: int
     budget_bytes: int | None = None
 
-    def keeps(self, key: OpKey, expensive: bool) -> bool:
-        """Whether the op's output is kept for backward (otherwise it is recomputed)."""
+    def decision(self, key: OpKey) -> bool | None:
+        """Keep (True) or recompute (False) as planned, or None for a key the plan does not hold."""
         if key in self.keep:
             return True
         if key in self.recompute:
             return False
+        return None
+
+    def keeps(self, key: OpKey, expensive: bool) -> bool:
+        """Whether the op's output is kept for backward (otherwise it is recomputed).
+
+        ``expensive``: the op is not known cheap (it has a FLOP formula, or the analysis does not
+        know it); an unseen expensive op is kept by the default plan, recomputed by a budget plan.
+        """
+        planned = self.decision(key)
+        if planned is not None:
+            return planned
         return expensive and self.keep_unseen_expensive
 
     def summary(self) -> dict:
@@ -91,6 +115,18 @@ class RecomputePlan:
             "recompute_flops_fraction": self.recompute_flops / self.layer_flops if self.layer_flops else 0.0,
             "recomputed_ops": dict(sorted(recomputed.items())),
         }
+
+
+def known_cheap(op: str) -> bool:
+    """Whether an op (``"aten.add.Tensor"``) is one the analysis knows and costs ~0 FLOPs to recompute."""
+    namespace, _, rest = op.partition(".")
+    packet = rest.split(".", 1)[0]
+    return namespace == "aten" and packet in RULES and packet not in _COSTLY_FAMILIES
+
+
+def _unknown(record: OpRecord) -> bool:
+    """An op on the data path with no FLOP formula that the analysis does not know: maybe costly."""
+    return record.flops == 0 and record.data_path and not known_cheap(record.op)
 
 
 def layer_ops(records: list[OpRecord]) -> dict[int, OpKey]:
@@ -169,7 +205,8 @@ def plan_recompute(
         for producer in record.producers:
             if producer in by_index:
                 consumers[producer].append(record.index)
-    expensive = [index for index, record in by_index.items() if record.flops > 0]
+    unknown = {index for index, record in by_index.items() if _unknown(record)}
+    expensive = [index for index, record in by_index.items() if record.flops > 0 or index in unknown]
     size = {index: by_index[index].output_bytes * batch_size for index in expensive}
     minimum = sum(layer_input_bytes) * batch_size
     keep_all = minimum + sum(size.values())
@@ -177,7 +214,8 @@ def plan_recompute(
     if budget_bytes is None:
         recompute = {
             i for i in expensive
-            if _narrow(by_index[i], hidden_size) or (_widens(by_index[i]) and feeds_k_op(by_index, consumers, i))
+            if i not in unknown
+            and (_narrow(by_index[i], hidden_size) or (_widens(by_index[i]) and feeds_k_op(by_index, consumers, i)))
         }
         keep = [i for i in expensive if i not in recompute]
         keep_unseen = True

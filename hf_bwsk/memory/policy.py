@@ -2,12 +2,14 @@
 
 Selective activation checkpointing asks a policy about every aten op of a checkpointed layer. The
 policy rebuilds the op's `OpKey` (layer, module path in the layer, op, occurrence) from module hooks
-and answers what the `RecomputePlan` says.
+and answers what the `RecomputePlan` says, counting how often it could (`SelectivePolicy.fidelity`).
+The policy runs for every op of every checkpointed layer, forward and recompute, so what it needs per
+aten overload (name, cost class) is computed once, and a decision is one dict lookup.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import warnings
 
 import torch
 from torch.utils.checkpoint import (
@@ -16,7 +18,7 @@ from torch.utils.checkpoint import (
 )
 
 from ..analysis.trace import flop_formula
-from .plan import OpKey, RecomputePlan
+from .plan import OpKey, RecomputePlan, known_cheap
 
 
 class LayerPathTracker:
@@ -78,22 +80,84 @@ class SelectivePolicy:
     module path of each op comes from the tracker's hooks. Occurrences are counted separately for
     the forward and the recompute, so torch versions that ask the policy again while recomputing
     get the same answers.
+
+    Plan fidelity: every forward decision is counted in ``fidelity`` (a live dict, shown in the
+    mode's status): ``plan_hits`` (the plan held the op's key), ``plan_misses`` (an op that is not
+    known cheap and whose key the plan lacks: decided by `RecomputePlan.keeps`' rule) and
+    ``cheap_by_rule`` (known cheap ops outside the plan, recomputed). The first miss, and a layer
+    call with no layer index, warn once. ``decisions``, when set to a dict, records every forward
+    decision by key (for tests; off by default as it grows with every step).
     """
 
     def __init__(self, plan: RecomputePlan, tracker: LayerPathTracker):
         self.plan = plan
         self.tracker = tracker
+        self.fidelity: dict = {"plan_hits": 0, "plan_misses": 0, "cheap_by_rule": 0, "first_misses": []}
+        self.decisions: dict[OpKey, bool] | None = None
+        # Per aten overload: its key name and whether it is expensive; str(func) alone costs ~3 us a call.
+        self._ops: dict = {}
+        self._warned: set[str] = set()
+
+    @property
+    def plan(self) -> RecomputePlan:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: RecomputePlan) -> None:
+        self._plan = plan
+        # One dict lookup per op, by plain tuple (an OpKey hashes and compares as its tuple).
+        self._planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True)}
+
+    def _op(self, func) -> tuple[str, bool]:
+        found = self._ops.get(func)
+        if found is None:
+            name = str(func)
+            found = self._ops[func] = (name, flop_formula(func) is not None or not known_cheap(name))
+        return found
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(message, UserWarning, stacklevel=2)
 
     def __call__(self):
         layer = self.tracker.layer
-        counts = {False: Counter(), True: Counter()}
+        if layer is None:
+            self._warn_once("layer", "bwsk reversible mode: a checkpointed layer started with no layer index (the "
+                            "decoder-layer hooks did not run), so every op misses the recompute plan")
+        return create_selective_checkpoint_contexts(self.layer_policy(layer))
+
+    def layer_policy(self, layer: int | None):
+        """The per-op policy function of one layer call (torch's `policy_fn(ctx, func, *args, **kwargs)`)."""
+        counts: dict[bool, dict] = {False: {}, True: {}}
 
         def policy(ctx, func, *args, **kwargs):
-            path, name = self.tracker.path, str(func)
-            seen = counts[ctx.is_recompute]
-            occurrence = seen[(path, name)]
-            seen[(path, name)] += 1
-            keep = self.plan.keeps(OpKey(layer, path, name, occurrence), flop_formula(func) is not None)
+            name, expensive = self._op(func)
+            path = self.tracker.path
+            seen, group = counts[ctx.is_recompute], (path, name)
+            occurrence = seen.get(group, 0)
+            seen[group] = occurrence + 1
+            keep = self._planned.get((layer, path, name, occurrence))
+            if keep is None:
+                key = OpKey(layer, path, name, occurrence)
+                keep = self._plan.keeps(key, expensive)
+                if not ctx.is_recompute:
+                    self._count_unplanned(key, expensive, keep)
+            elif not ctx.is_recompute:
+                self.fidelity["plan_hits"] += 1
+            if self.decisions is not None and not ctx.is_recompute:
+                self.decisions[OpKey(layer, path, name, occurrence)] = keep
             return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
-        return create_selective_checkpoint_contexts(policy)
+        return policy
+
+    def _count_unplanned(self, key: OpKey, expensive: bool, keep: bool) -> None:
+        if not expensive:
+            self.fidelity["cheap_by_rule"] += 1
+            return
+        self.fidelity["plan_misses"] += 1
+        if len(self.fidelity["first_misses"]) < 10:
+            self.fidelity["first_misses"].append(f"{key.layer}:{key.path or '<layer>'}:{key.op}#{key.occurrence}")
+        self._warn_once("miss", f"bwsk reversible mode: {key.op} (layer {key.layer}, '{key.path}', occurrence "
+                        f"{key.occurrence}) is not in the recompute plan (the first batch's trace never ran it); "
+                        f"{'kept' if keep else 'recomputed'} by rule; counts in the status' plan_fidelity")

@@ -8,7 +8,7 @@ caller falls back to HF activation checkpointing.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,62 @@ LOSS_ONLY_INPUTS = ("labels", "num_items_in_batch", "shift_labels", "logits_to_k
 _HEAD_CHECK_TOKENS = 32
 
 
+def distributed_refusal(fsdp_plugin=None, deepspeed_plugin=None) -> str | None:
+    """Why the reversible mode cannot run under this accelerate setup (naming what can), or None.
+
+    DDP and FSDP2 (`recipes/accelerate_configs/fsdp.yaml`) train with the gradients of conventional
+    training (tests/test_distributed.py). Refused, before the first step: FSDP1 (flat parameters,
+    never tested with the mode), FSDP's own activation checkpointing (the mode checkpoints the
+    layers itself), CPU offload (untested: the fused loss reads the head weight in the forward),
+    and DeepSpeed ZeRO-3 (the head weight is a partition outside the head's own call).
+    """
+    if fsdp_plugin is not None:
+        if getattr(fsdp_plugin, "fsdp_version", 1) != 2:
+            return ("bwsk_mode='reversible' supports FSDP version 2 only: set fsdp_version: 2 "
+                    "(recipes/accelerate_configs/fsdp.yaml)")
+        if getattr(fsdp_plugin, "activation_checkpointing", False):
+            return ("bwsk_mode='reversible' checkpoints the decoder layers itself: set fsdp_activation_checkpointing: "
+                    "false, or train with bwsk_mode='conventional' to keep FSDP's")
+        if getattr(fsdp_plugin, "cpu_offload", None) and not _offload_disabled(fsdp_plugin.cpu_offload):
+            return "bwsk_mode='reversible' does not support FSDP CPU offload: set fsdp_offload_params: false"
+    if deepspeed_plugin is not None and getattr(deepspeed_plugin, "zero_stage", 0) == 3:
+        return ("bwsk_mode='reversible' does not support DeepSpeed ZeRO-3 (the fused loss needs the whole head "
+                "weight): use FSDP2 (recipes/accelerate_configs/fsdp.yaml) or ZeRO stage 1 or 2")
+    return None
+
+
+def _offload_disabled(offload) -> bool:
+    """FSDP1's `CPUOffload(offload_params=False)` and FSDP2's `OffloadPolicy()` (the no-offload default)."""
+    return getattr(offload, "offload_params", None) is False or type(offload).__name__ == "OffloadPolicy"
+
+
+def inside_forward(model, work: Callable[[], Any]) -> Any:
+    """``work()``, run inside a call of ``model`` itself, and its result.
+
+    Wrappers that shard parameters act in the root module's forward hooks: under FSDP2 the
+    parameters are DTensors outside ``model(...)`` and gathered inside it. Work that reads weights
+    or runs submodules by hand (the head check, the first-batch trace) therefore runs as the body of
+    a ``model()`` call; the instance's own ``forward`` (ours or accelerate's wrapper) is restored after.
+    """
+    previous = model.__dict__.get("forward")
+    results = []
+
+    def forward(*args, **kwargs):
+        results.append(work())
+
+    model.forward = forward
+    try:
+        model()
+    finally:
+        if previous is None:
+            del model.forward
+        else:
+            model.forward = previous
+    return results[0]
+
+
 def unsupported_reason(model, find_layers: Callable, batch: dict) -> str | None:
-    """Why the reversible mode cannot run on ``model``, or None."""
+    """Why the reversible mode cannot run on ``model``, or None. Call it through `inside_forward`."""
     try:
         layers_path, layers = find_layers(model)
     except BWSKError as error:
@@ -37,6 +91,11 @@ def unsupported_reason(model, find_layers: Callable, batch: dict) -> str | None:
     if weight is None or weight.dim() != 2:
         return "the output embeddings are not a linear head with a [vocab, hidden] weight"
     return head_mismatch(model, head, batch)
+
+
+def _sharded(tensor) -> bool:
+    """A DTensor shard (FSDP2) rather than the full tensor the fused loss needs."""
+    return hasattr(tensor, "full_tensor")
 
 
 def head_mismatch(model, head, batch: dict) -> str | None:
@@ -56,6 +115,9 @@ def head_mismatch(model, head, batch: dict) -> str | None:
         with torch.no_grad(), forked_rng(labels.device), torch.autocast(labels.device.type, enabled=False):
             output = type(model).forward(model, **inputs, labels=labels, use_cache=False)
             hidden_states = model.base_model(**inputs, use_cache=False)[0]
+            if _sharded(head.weight):
+                return ("the output head's weight is still sharded after the base model ran (FSDP2 with the head in "
+                        "a unit of its own): shard it with the final norm or the root, as accelerate's FSDP2 does")
             logits = F.linear(hidden_states, head.weight, getattr(head, "bias", None))
             loss = fused_linear_cross_entropy(hidden_states, head.weight, labels, bias=getattr(head, "bias", None))
     finally:

@@ -20,6 +20,7 @@ from transformers import Trainer
 from ..errors import BWSKError
 from ..layout import CALM_REPORT, README, SK_REPORT
 from ..memory import ReversibleMode
+from ..memory.support import distributed_refusal
 from ..rng import forked_rng
 from .callback import BWSKCallback
 
@@ -39,6 +40,11 @@ class BWSKTrainer(Trainer):
         self.bwsk_mode = getattr(self.args, "bwsk_mode", "conventional")
         if self.bwsk_mode == "reversible" and self.model_init is not None:
             raise BWSKError("bwsk_mode='reversible' needs a model instance: pass model=..., not model_init=...")
+        if self.bwsk_mode == "reversible":
+            refusal = distributed_refusal(getattr(self.accelerator.state, "fsdp_plugin", None),
+                                          getattr(self.accelerator.state, "deepspeed_plugin", None))
+            if refusal is not None:
+                raise BWSKError(refusal)
         callback = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, BWSKCallback)), None)
         if callback is None:
             callback = BWSKCallback()

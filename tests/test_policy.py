@@ -1,0 +1,152 @@
+"""Plan fidelity: the run-time policy applies the plan it was given, counts what it could not, and says so."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from grad_compare import assert_grads_close, assert_tensors_close
+from tiny_models import tiny_batch, tiny_model
+
+from hf_bwsk.analysis import find_decoder_layers
+from hf_bwsk.analysis.records import OpRecord
+from hf_bwsk.memory import ReversibleMode
+from hf_bwsk.memory.plan import OpKey, known_cheap, plan_recompute
+from hf_bwsk.memory.policy import LayerPathTracker, SelectivePolicy
+
+
+def reversible(model, batch):
+    mode = ReversibleMode(model, find_layers=find_decoder_layers, loss_chunk_size=24)
+    mode.install_forward()
+    mode.setup(batch)
+    return mode
+
+
+def record(index, op, flops=0, output_shape=(1, 8, 32), layer=0, data_path=True, producers=(), kind="Gray"):
+    numel = 1
+    for size in output_shape:
+        numel *= size
+    return OpRecord(
+        index=index, op=op, module_path=f"layers.{layer}.block", module_class="Block", layer=layer,
+        input_shapes=((1, 8, 32),), output_shapes=(output_shape,), output_bytes=4 * numel, flops=flops,
+        kind=kind, reason="", data_path=data_path, mixes=frozenset(), path_in_layer="block",
+        producers=producers, activation_input_numel=8 * 32,
+    )
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_run_time_decisions_are_the_plans_and_every_planned_op_is_hit(arch):
+    model = tiny_model(arch)
+    model.train()
+    batch = tiny_batch(2, 24)
+    mode = reversible(model, batch)
+    mode.policy.decisions = {}
+    model(**batch).loss.backward()
+    decisions, plan = mode.policy.decisions, mode.plan
+    planned = {key: key in plan.keep for key in plan.keep | plan.recompute}
+    assert planned, "the plan holds no decisions to check"
+    run_time = {key: keep for key, keep in decisions.items() if key in planned}
+    assert run_time == planned, f"run-time decisions differ from the plan: {set(run_time.items()) ^ set(planned.items())}"
+    # Every other op the layers ran is known cheap and recomputed: no miss, nothing unplanned kept.
+    unplanned = {key: keep for key, keep in decisions.items() if key not in planned}
+    assert not any(unplanned.values()), f"unplanned ops kept: {[k for k, v in unplanned.items() if v]}"
+    assert all(known_cheap(key.op) for key in unplanned), [k.op for k in unplanned if not known_cheap(k.op)]
+    fidelity = mode.status()["plan_fidelity"]
+    assert fidelity["plan_hits"] == len(planned) and fidelity["plan_misses"] == 0
+    assert fidelity["cheap_by_rule"] == len(unplanned)
+    mode.teardown()
+
+
+def test_batches_of_varying_length_keep_hitting_the_plan_with_exact_gradients():
+    # Dynamic padding: every batch has its own length; the plan, traced on the first, must still apply.
+    conventional, model = tiny_model("gpt_neox"), tiny_model("gpt_neox")
+    conventional.train()
+    model.train()
+    batches = [tiny_batch(2, seq_len, seed=seq_len) for seq_len in (24, 9, 40, 17)]
+    batches[2]["attention_mask"][1, -11:] = 0
+    batches[2]["labels"][1, -11:] = -100
+    mode = reversible(model, batches[0])
+    hits_per_batch = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a miss would warn
+        for batch in batches:
+            for m in (model, conventional):
+                m.zero_grad()
+            hits_before = mode.policy.fidelity["plan_hits"]
+            loss = model(**batch).loss
+            loss.backward()
+            expected = conventional(**batch).loss
+            expected.backward()
+            assert_tensors_close(loss, expected, rtol=1e-5, atol=1e-6, name=f"loss at length {batch['input_ids'].shape[1]}")
+            assert_grads_close(model, conventional, rtol=1e-5, atol=1e-6)
+            hits_per_batch.append(mode.policy.fidelity["plan_hits"] - hits_before)
+    planned = len(mode.plan.keep | mode.plan.recompute)
+    assert hits_per_batch == [planned] * len(batches), f"plan hits per batch {hits_per_batch}, plan size {planned}"
+    assert mode.policy.fidelity["plan_misses"] == 0
+    mode.teardown()
+
+
+def test_an_op_the_plan_never_saw_is_counted_and_warned_about_once():
+    model = tiny_model("gpt_neox")
+    model.train()
+    batch = tiny_batch(2, 16)
+    mode = reversible(model, batch)
+    # A plan that lost one layer's keys: that layer's expensive ops all miss.
+    plan = mode.plan
+    mode.policy.plan = dataclasses.replace(plan, keep=frozenset(k for k in plan.keep if k.layer != 1),
+                                           recompute=frozenset(k for k in plan.recompute if k.layer != 1))
+    lost = len(plan.keep | plan.recompute) - len(mode.policy.plan.keep | mode.policy.plan.recompute)
+    with pytest.warns(UserWarning, match="not in the recompute plan") as caught:
+        model(**batch).loss.backward()
+        model(**batch).loss.backward()
+    assert sum("not in the recompute plan" in str(w.message) for w in caught) == 1, "warn once, not per op"
+    fidelity = mode.status()["plan_fidelity"]
+    assert fidelity["plan_misses"] == 2 * lost and fidelity["first_misses"][0].startswith("1:")
+    mode.teardown()
+
+
+def test_a_layer_without_its_index_warns_that_every_op_misses():
+    model = tiny_model("gpt_neox")
+    layers_path, layers = find_decoder_layers(model)
+    tracker = LayerPathTracker(layers)
+    plan = plan_recompute([], [0, 0])
+    policy = SelectivePolicy(plan, tracker)
+    with pytest.warns(UserWarning, match="no layer index"):
+        policy()  # a checkpoint starting while no layer's pre-hook has run
+    tracker.remove()
+
+
+def test_unknown_ops_on_the_data_path_are_kept_and_known_cheap_ones_recomputed():
+    # A custom kernel (no FLOP formula, no S/K rule) that widens into a K op: the shape the default
+    # plan recomputes when it can cost the op, kept here because it cannot.
+    records = [
+        record(0, "aten.mm.default", flops=2 * 8 * 32 * 32),
+        record(1, "flash_attn._flash_attn_forward.default", output_shape=(1, 8, 128), producers=(0,)),
+        record(2, "aten.add.Tensor", output_shape=(1, 8, 128), producers=(1,), kind="S"),
+        record(3, "aten.gelu.default", output_shape=(1, 8, 128), producers=(2,), kind="K"),
+        record(4, "mylib.mask_builder.default", data_path=False),
+    ]
+    plan = plan_recompute(records, [1024], hidden_size=32)
+    assert OpKey(0, "block", "flash_attn._flash_attn_forward.default", 0) in plan.keep
+    kept_ops = {key.op for key in plan.keep}
+    assert "aten.add.Tensor" not in kept_ops and "aten.gelu.default" not in kept_ops
+    assert "mylib.mask_builder.default" not in kept_ops, "auxiliary (off the data path) ops stay cheap"
+    assert known_cheap("aten.add.Tensor") and known_cheap("aten._softmax.default")
+    assert not known_cheap("aten.mm.default") and not known_cheap("aten._scaled_dot_product_flash_attention_for_cpu.default")
+    assert not known_cheap("flash_attn._flash_attn_forward.default") and not known_cheap("aten.no_such_op.default")
+    # At run time, an unseen custom op counts as expensive: the default plan keeps it.
+    assert plan.keeps(OpKey(1, "block", "flash_attn._flash_attn_forward.default", 0), expensive=not known_cheap(
+        "flash_attn._flash_attn_forward.default"))
+
+
+def test_status_counts_reach_the_results_file(tmp_path):
+    import json
+
+    from test_trainer import train
+
+    trainer, _ = train("gpt_neox", tmp_path, mode="reversible", steps=2)
+    results = json.loads((tmp_path / "training_results.json").read_text())
+    fidelity = results["reversible"]["plan_fidelity"]
+    planned = len(trainer.reversible_mode.plan.keep | trainer.reversible_mode.plan.recompute)
+    assert fidelity["plan_hits"] == 2 * planned and fidelity["plan_misses"] == 0, fidelity
+    assert torch.isfinite(torch.tensor(results["final_train_loss"]))
