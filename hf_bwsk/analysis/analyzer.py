@@ -20,6 +20,7 @@ from .axes import AxisSizes, identifies_axes, model_sizes
 from .layers import find_decoder_layers
 from .module_view import ModuleView
 from .report import SKReport
+from .steps import group_sequence_loops
 from .trace import trace_call
 
 GRANULARITIES = ("op", "module")
@@ -38,7 +39,8 @@ def analyze(
     A `PretrainedConfig` is built on the meta device (no weights allocated) in float32. A model is
     traced where it lives (meta or a real device) under ``torch.no_grad()``, in its current
     train/eval mode, and is left unchanged. The input is ``batch_size`` sequences of ``seq_len``
-    token ids with an all-ones attention mask, and the labels are the ids.
+    token ids with an all-ones attention mask, and the labels are the ids. A loop over the sequence
+    (a recurrent reference scan) is grouped into logical ops with a repeat count (`steps.py`).
 
     ``granularity="module"`` skips the trace and reports the published cards' leaf-module view.
 
@@ -60,6 +62,7 @@ def analyze(
     records, skipped = [], {}
     if granularity == "op":
         records, skipped = _trace(model, layers_path, axes, batch_size, seq_len, parameter.device)
+        group_sequence_loops(records, seq_len)
     return SKReport(
         model_class=type(model).__name__,
         model_type=model.config.model_type,
