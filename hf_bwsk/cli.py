@@ -76,6 +76,8 @@ def positive_int(text: str) -> int:
     ),
     argument("--json", type=Path, metavar="PATH", help="also save the report as JSON"),
     argument("--plot", type=Path, metavar="PATH", help="also save a PNG map of the layers (needs matplotlib)"),
+    argument("--html", type=Path, metavar="PATH",
+             help="also save a self-contained HTML report (layer map, CALM phases, sharding plan, ops)"),
 )
 def analyze(args: argparse.Namespace) -> None:
     _check_outputs(args)
@@ -85,12 +87,14 @@ def analyze(args: argparse.Namespace) -> None:
     from .analysis import calm_report
 
     report = analyze_forward(config, seq_len=args.seq_len, batch_size=args.batch_size, granularity=args.granularity)
+    calm = None
     if args.granularity == "op":
+        calm = calm_report(report)
         print(report.to_table())
         print()
         print(report.module_view.to_table())
         print()
-        print(calm_report(report).to_table())
+        print(calm.to_table())
     else:
         print(report.module_view.to_table())
     if args.json:
@@ -99,6 +103,11 @@ def analyze(args: argparse.Namespace) -> None:
     if args.plot:
         report.plot(args.plot)
         print(f"layer map saved to {args.plot}")
+    if args.html:
+        from .analysis.html import save_html
+
+        save_html(args.html, report, calm)
+        print(f"HTML report saved to {args.html}")
 
 
 @subcommand("env", "print library versions and the device, for bug reports")
@@ -186,11 +195,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Fail on unusable output paths before the analysis runs, not after."""
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--html", args.html)):
         if path is not None and not path.parent.is_dir():
             raise BWSKError(f"the directory of {flag} {path} does not exist; create it or pick another path")
-    if args.plot is not None and args.granularity == "module":
-        raise BWSKError("--plot maps the traced ops of each layer; use --granularity op or drop --plot")
+    for flag, path in (("--plot", args.plot), ("--html", args.html)):
+        if path is not None and args.granularity == "module":
+            raise BWSKError(f"{flag} maps the traced ops of each layer; use --granularity op or drop {flag}")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise BWSKError("--plot needs matplotlib; install it with: pip install 'hf-bwsk[plot]'")
 

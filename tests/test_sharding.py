@@ -69,7 +69,7 @@ def test_real_model_plan_equals_the_config_plan():
 def test_plan_in_table_and_json():
     report = calm_report(tiny_config("opt"))
     table = report.to_table()
-    assert "tensor-parallel sharding plan (hidden axis): 2 collectives per layer" in table
+    assert "tensor-parallel sharding plan (hidden axis): 2 collective(s) per layer" in table
     assert "upper bound" in table
     data = report.to_dict()["hidden_plan"]
     assert data["layer_collectives"] == {0: 2, 1: 2} and data["total_collectives"] == 5

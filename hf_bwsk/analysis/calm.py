@@ -14,7 +14,7 @@ probe sizes (`axes.py`), so a report traced at other sizes is re-traced from its
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -75,6 +75,8 @@ class CalmReport:
     num_layers: int
     axes: dict[str, AxisReport]
     hidden_plan: ShardingPlan | None = None
+    # The logical data-path records it was built from (for maps, e.g. the HTML report); not serialised.
+    records: list[OpRecord] = field(default_factory=list, repr=False, compare=False)
 
     def sync_counts(self) -> dict[str, int]:
         return {axis: len(report.sync_points) for axis, report in self.axes.items()}
@@ -127,7 +129,7 @@ class CalmReport:
         plan = self.hidden_plan
         per_layer = sorted(set(plan.layer_collectives().values())) or [0]
         per_layer_text = str(per_layer[0]) if len(per_layer) == 1 else f"{per_layer[0]}-{per_layer[-1]}"
-        lines = [f"tensor-parallel sharding plan (hidden axis): {per_layer_text} collectives per layer, "
+        lines = [f"tensor-parallel sharding plan (hidden axis): {per_layer_text} collective(s) per layer, "
                  f"{plan.total()} in the forward (upper bound: {len(self.axes[HIDDEN].sync_points)} sync points)"]
         if plan.layers:
             first = plan.layers[0]
@@ -163,7 +165,7 @@ def _from_report(report: SKReport) -> CalmReport:
     data = report.logical_records
     axes = {axis: _axis_report(axis, data, report.num_layers) for axis in AXES}
     plan = hidden_plan(report.records, report.num_layers)
-    return CalmReport(report.model_class, report.batch_size, report.seq_len, report.num_layers, axes, plan)
+    return CalmReport(report.model_class, report.batch_size, report.seq_len, report.num_layers, axes, plan, data)
 
 
 def _axis_report(axis: str, data: list[OpRecord], num_layers: int) -> AxisReport:
