@@ -19,6 +19,9 @@ from .errors import BWSKError
 from .models import BUILTIN_MODELS, load_config
 
 EXIT_BAD_INPUT = 2
+# The analyze defaults; without --seq-len / --batch-size they are rounded up to sizes that identify the
+# axes, so the CALM report needs no second trace.
+DEFAULT_SEQ_LEN, DEFAULT_BATCH = 128, 2
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,11 @@ def positive_int(text: str) -> int:
         help=f"a built-in name ({', '.join(BUILTIN_MODELS)}), a local model directory, "
         "or a Hub id 'owner/name' (config only, no weights are downloaded)",
     ),
-    argument("--seq-len", type=positive_int, default=128, help="tokens per sequence of the traced forward"),
-    argument("--batch-size", type=positive_int, default=2, help="sequences in the traced batch"),
+    argument("--seq-len", type=positive_int,
+             help="tokens per sequence of the traced forward (default: about 128, rounded up to a size that "
+             "tells the axes apart, so one trace serves every table)"),
+    argument("--batch-size", type=positive_int,
+             help="sequences in the traced batch (default: a small prime that tells the axes apart)"),
     argument(
         "--granularity",
         choices=("op", "module"),
@@ -86,7 +92,9 @@ def analyze(args: argparse.Namespace) -> None:
     from .analysis import analyze as analyze_forward
     from .analysis import calm_report
 
-    report = analyze_forward(config, seq_len=args.seq_len, batch_size=args.batch_size, granularity=args.granularity)
+    default_sizes = args.seq_len is None and args.batch_size is None
+    report = analyze_forward(config, seq_len=args.seq_len or DEFAULT_SEQ_LEN, batch_size=args.batch_size or DEFAULT_BATCH,
+                             granularity=args.granularity, identify_axes=default_sizes)
     calm = None
     if args.granularity == "op":
         calm = calm_report(report)

@@ -89,3 +89,18 @@ def test_chromium_renders_the_report(mamba, tmp_path):
     for kind, hex_colour in COLOURS.items():
         rgb = tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
         assert rgb in present, f"no {kind} cell ({hex_colour}) drawn in the screenshot"
+
+
+def test_cli_default_sizes_trace_once(monkeypatch, capsys):
+    # Without --seq-len/--batch-size the sizes are rounded up to ones that identify the axes, so
+    # the CALM report reuses the trace instead of tracing again at probe sizes.
+    from hf_bwsk.analysis import calm as calm_module
+
+    def no_second_trace(source):
+        raise AssertionError("calm_report traced again")
+
+    monkeypatch.setattr(calm_module, "_probe_trace", no_second_trace)
+    assert main(["analyze", "pythia-70m"]) == 0
+    out = capsys.readouterr().out
+    shape = re.search(r"batch (\d+) x sequence (\d+), traced on meta", out).groups()
+    assert int(shape[1]) >= 128 and f"traced at batch {shape[0]} x sequence {shape[1]}" in out

@@ -87,13 +87,14 @@ def _ratios(report: SKReport) -> str:
         f"counted as {loop.body_ops} logical ops</li>"
         for loop in report.sequence_loops()
     )
+    loops = f"<details><summary>{len(report.sequence_loops())} loop(s) over the sequence</summary><ul>{loops}</ul></details>" if loops else ""
     counts = report.summary()
     return (
         "<h2>S / K / Gray shares</h2>"
         f"<p>{counts['data_path_ops']} data-path ops ({counts['logical_ops']} logical), "
         f"{counts['auxiliary_ops']} auxiliary, {counts['skipped_identities']} identities skipped.</p>"
         + _table(["weight", *KINDS], rows, (1, 2, 3))
-        + (f"<ul>{loops}</ul>" if loops else "")
+        + loops
     )
 
 

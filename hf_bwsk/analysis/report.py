@@ -158,9 +158,10 @@ class SKReport:
             f"{len(data)} data-path ops ({len(logical)} logical), {len(self.records) - len(data)} auxiliary ops "
             f"(masks, positions; not in the ratios), {sum(self.skipped.values())} identities skipped",
         ]
-        for loop in self.sequence_loops():
-            lines.append(f"loop over the sequence in {loop.module_path or '<model>'}: {loop.body_ops} ops x "
-                         f"{loop.steps} steps, counted as {loop.body_ops} logical ops (bytes and FLOPs: every step)")
+        alike = Counter((loop.body_ops, loop.steps) for loop in self.sequence_loops())
+        for (body_ops, steps), count in alike.items():
+            lines.append(f"{count} loop(s) over the sequence ({body_ops} ops x {steps} steps each), counted as "
+                         f"{body_ops} logical ops each (bytes and FLOPs: every step)")
         lines += ["", f"{'weight':<8}" + "".join(f"{kind:>9}" for kind in KINDS)]
         for by in RATIO_WEIGHTS:
             lines.append(f"{by:<8}" + "".join(f"{share:>9.1%}" for share in self.ratios(by).values()))
