@@ -42,7 +42,7 @@ def test_transformers_have_no_loops(arch):
 
 def test_a_group_needs_seq_len_repeats():
     report = analyze(tiny_config("mamba"), seq_len=16)
-    records = [r for r in report.records]
+    records = list(report.records)
     for record in records:
         record.repeats, record.step = 1, 0
     assert group_sequence_loops(records, 40) == [], "16 steps are no loop over 40 positions"

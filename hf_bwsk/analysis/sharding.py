@@ -111,6 +111,12 @@ class _Propagation:
     def _inputs(self, record: OpRecord) -> list[int]:
         return sorted({self._canonical.get(index, index) for index in record.producers} - {record.index})
 
+    def finish(self, leaving: list[int]) -> tuple[int, int]:
+        """Make the tensors leaving the segment replicated; return (collectives, all-gathers), the cost."""
+        for index in leaving:
+            self._to_replicated(index)
+        return len(self.collectives), sum(kind == "all-gather" for kind, _ in self.collectives)
+
     def _to_replicated(self, index: int) -> None:
         state = self.state(index)
         if state == PARTIAL:
@@ -177,12 +183,6 @@ def _consumed_outside(records: list[OpRecord], segment: list[OpRecord]) -> list[
     return sorted(leaving)
 
 
-def _cost(propagation: _Propagation, leaving: list[int]) -> tuple[int, int]:
-    for index in leaving:
-        propagation._to_replicated(index)
-    return (len(propagation.collectives), sum(kind == "all-gather" for kind, _ in propagation.collectives))
-
-
 def _assignments(linears: list[OpRecord]):
     if len(linears) <= MAX_EXHAUSTIVE:
         yield from itertools.product(("column", "row"), repeat=len(linears))
@@ -198,7 +198,7 @@ def plan_segment(records: list[OpRecord], segment: list[OpRecord], canonical: di
     for assignment in _assignments(linears):
         choices = {record.index: choice for record, choice in zip(linears, assignment)}
         propagation = _Propagation(segment, canonical, choices)
-        cost = _cost(propagation, leaving)
+        cost = propagation.finish(leaving)
         if best is None or cost < best[0]:
             best = (cost, choices, propagation.collectives)
     _, choices, collectives = best
