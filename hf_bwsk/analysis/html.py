@@ -118,18 +118,23 @@ def _layer_map(report: SKReport) -> str:
             "(hover for the op, its module and the reason).</p>" + _legend(COLOURS) + "".join(rows))
 
 
+def _range(values) -> str:
+    """'3' for equal values, '3-5' for a spread (per-layer counts)."""
+    found = sorted(set(values)) or [0]
+    return str(found[0]) if len(found) == 1 else f"{found[0]}-{found[-1]}"
+
+
 def _calm(calm: CalmReport) -> str:
     rows = []
     for axis, axis_report in calm.axes.items():
-        per_layer = sorted(set(axis_report.layer_sync_counts.values())) or [0]
         label = "upper bound" if axis == "hidden" else "sync points"
         rows.append([axis, PARALLELISM[axis], f"{len(axis_report.sync_points)} ({label})",
-                     "-".join(str(n) for n in sorted({per_layer[0], per_layer[-1]})),
-                     axis_report.outside_layers, len(axis_report.phases)])
+                     _range(axis_report.layer_sync_counts.values()), axis_report.outside_layers,
+                     len(axis_report.phases)])
     maps = []
+    layer_zero = [record for record in calm.records if record.layer == 0]
     for axis, axis_report in calm.axes.items():
         syncs = {point.index for point in axis_report.sync_points}
-        layer_zero = [record for record in calm.records if record.layer == 0]
         cells = "".join(_cell(record, SYNC_COLOUR if record.index in syncs else "#d7e3ef",
                               " (sync point)" if record.index in syncs else "") for record in layer_zero)
         maps.append(f"<div class=map><span class=label>{axis}</span>{cells}</div>")
@@ -151,14 +156,13 @@ def _sharding(calm: CalmReport) -> str:
     if plan is None or not plan.layers:
         return ""
     first = plan.layers[0]
-    per_layer = sorted(set(plan.layer_collectives().values()))
     linears = _table(["linear (layer 0)", "split"], [[name, choice] for name, choice in first.linears.items()])
     collectives = _table(["collective (layer 0)", "after op", "where"],
                          [[item.kind, item.op, f"layer.{item.path_in_layer}".rstrip(".")] for item in first.collectives])
     outside = ", ".join(f"{item.kind} after {item.op}" for item in plan.outside.collectives) if plan.outside else ""
     return (
         "<h2>Tensor-parallel sharding plan (hidden axis)</h2>"
-        f"<p><b>{'-'.join(str(n) for n in sorted({per_layer[0], per_layer[-1]}))} collective(s) per layer</b>, "
+        f"<p><b>{_range(plan.layer_collectives().values())} collective(s) per layer</b>, "
         f"{plan.total()} in the whole forward, against an upper bound of "
         f"{len(calm.axes['hidden'].sync_points)} sync points. Column-parallel: weight split by output "
         "features; row-parallel: by input features (its output is a partial sum).</p>"
