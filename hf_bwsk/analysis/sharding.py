@@ -41,7 +41,7 @@ from .axes import HIDDEN
 from .records import OpRecord
 
 REPLICATED, SHARDED, PARTIAL = "R", "S", "P"
-MAX_EXHAUSTIVE = 12
+MAX_EXHAUSTIVE = 10
 _WEIGHT_MATMULS = frozenset((op_names.MATMULS + " " + op_names.BIAS_MATMULS).split())
 _ATTENTIONS = frozenset(op_names.ATTENTIONS.split())
 _LINEAR = frozenset(
