@@ -29,7 +29,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .map { display: flex; flex-wrap: nowrap; gap: 1px; margin: 1px 0; align-items: center; }
 .map .label { width: 5em; font-size: 0.8em; flex: none; }
 .cell { width: 9px; height: 16px; flex: none; }
-.legend span { display: inline-block; padding: 1px 8px; margin-right: 6px; color: #fff; text-shadow: 0 0 2px #000; }
+.legend span { display: inline-block; padding: 1px 8px; margin-right: 6px; }
 .note { color: #555; font-size: 0.9em; }
 """
 
@@ -106,7 +106,14 @@ def _cell(record: OpRecord, colour: str, extra: str = "") -> str:
 
 def _legend(entries: dict[str, str]) -> str:
     return "<p class=legend>" + "".join(
-        f"<span style='background:{colour}'>{escape(name)}</span>" for name, colour in entries.items()) + "</p>"
+        f"<span style='background:{colour};color:{_text_colour(colour)}'>{escape(name)}</span>"
+        for name, colour in entries.items()) + "</p>"
+
+
+def _text_colour(background: str) -> str:
+    """Dark text on light backgrounds, white on dark ones (#rrggbb)."""
+    red, green, blue = (int(background[i:i + 2], 16) for i in (1, 3, 5))
+    return "#222" if 0.299 * red + 0.587 * green + 0.114 * blue > 160 else "#fff"
 
 
 def _layer_map(report: SKReport) -> str:
