@@ -1,10 +1,13 @@
 """How long the op-level S/K analysis and the CALM report take on the built-in Pythia-70M and
-Mamba-130M configs (meta device, default batch 2 x sequence 128).
+Mamba-130M configs (meta device, default batch 2 x sequence 128), and `hf-bwsk analyze` end to end.
 
 Each model is measured in a fresh process: "cold" is the first `analyze()` call after the imports
 (it includes building the model on meta and importing its modeling code), "warm" the median of
 three further calls; wall and process CPU time both, with the load average, since on a shared
-machine wall time also measures the neighbours. Prints one JSON object and appends one row per model to docs/BENCHMARKS.md.
+machine wall time also measures the neighbours. The command (`python -m hf_bwsk.cli analyze NAME`:
+op table, module view, CALM table with the sharding plan) is timed as a user runs it, start-up
+included, median of three, next to the bare imports it cannot avoid (torch, transformers' modeling
+code). Prints one JSON object and appends rows to docs/BENCHMARKS.md.
 
     python benchmarks/analysis_speed.py [--models pythia-70m mamba-130m] [--no-append]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +33,13 @@ HEADER = (
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 WARM_REPEATS = 3
+CLI_SECTION = "## `hf-bwsk analyze` end to end (`benchmarks/analysis_speed.py`)"
+CLI_HEADER = (
+    "| date | commit | device | model | command s (CPU s) | imports alone s (CPU s) | target s "
+    "| load avg before / after |\n|---|---|---|---|---|---|---|---|"
+)
+CLI_TARGETS = {"pythia-70m": 2.0, "mamba-130m": 5.0}
+IMPORTS = "import hf_bwsk.cli, hf_bwsk.analysis, transformers.modeling_utils"
 
 
 def measure(name: str) -> dict:
@@ -54,7 +65,13 @@ def measure(name: str) -> dict:
         "ratios": {by: {kind: round(share, 4) for kind, share in report.ratios(by).items()}
                    for by in ("count", "bytes", "flops")},
         "module_view": report.module_view.counts(),
-        "calm_sync_counts": calm.sync_counts(),
+        "logical_ops": len(report.logical_records),
+        "sequence_loops": len(report.sequence_loops()),
+        "calm_sync_counts_upper_bound": calm.sync_counts(),
+        "calm_layer_sync_counts": {axis: sorted(set(axis_report.layer_sync_counts.values()))
+                                   for axis, axis_report in calm.axes.items()},
+        "hidden_plan_collectives_per_layer": sorted(set(calm.hidden_plan.layer_collectives().values())),
+        "hidden_plan_collectives_total": calm.hidden_plan.total(),
         "calm_probe": {"batch": calm.batch_size, "seq_len": calm.seq_len},
     }
 
@@ -64,6 +81,61 @@ def timed(function, *args):
     wall, cpu = time.perf_counter(), time.process_time()
     result = function(*args)
     return (time.perf_counter() - wall, time.process_time() - cpu), result
+
+
+def timed_child(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the child) of one subprocess run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    subprocess.run(command, capture_output=True, check=True)
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def median_pair(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return round(statistics.median(wall for wall, _ in runs), 2), round(statistics.median(cpu for _, cpu in runs), 2)
+
+
+def measure_cli(name: str) -> dict:
+    """`hf-bwsk analyze NAME` as a user runs it, and the imports alone, median of three each."""
+    load_before = round(os.getloadavg()[0], 1)
+    command = [sys.executable, "-m", "hf_bwsk.cli", "analyze", name]
+    runs = [timed_child(command) for _ in range(WARM_REPEATS)]
+    imports = [timed_child([sys.executable, "-c", IMPORTS]) for _ in range(WARM_REPEATS)]
+    return {
+        "model": name,
+        "command_s": median_pair(runs),
+        "imports_s": median_pair(imports),
+        "target_s": CLI_TARGETS.get(name),
+        "load_average": [load_before, round(os.getloadavg()[0], 1)],
+    }
+
+
+def append_cli_rows(results: dict) -> None:
+    rows = [
+        f"| {results['date']} | {results['commit']} | {results['device']} | {m['model']} "
+        f"| {m['command_s'][0]:.2f} ({m['command_s'][1]:.2f}) | {m['imports_s'][0]:.2f} ({m['imports_s'][1]:.2f}) "
+        f"| {m['target_s']} | {m['load_average'][0]} / {m['load_average'][1]} |"
+        for m in results["cli"]
+    ]
+    insert_rows(CLI_SECTION, "`hf-bwsk analyze NAME` at its defaults, wall (CPU) seconds, median of three.",
+                CLI_HEADER, rows)
+
+
+def insert_rows(section: str, intro: str, header: str, rows: list[str]) -> None:
+    """Add rows at the end of a section's table in docs/BENCHMARKS.md (the section made if new)."""
+    text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.exists() else "# Benchmarks\n"
+    lines = text.rstrip("\n").split("\n")
+    if section not in lines:
+        lines += ["", section, "", intro, "", header]
+    end = lines.index(section) + 1
+    while end < len(lines) and not lines[end].startswith("| date"):
+        end += 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines[end:end] = rows
+    BENCHMARKS.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def append_rows(results: dict) -> None:
@@ -76,17 +148,7 @@ def append_rows(results: dict) -> None:
         f"({m['warm_median_cpu_s']:.2f}) | {m['calm_s']:.2f} | {results['load_average']} |"
         for m in results["models"]
     ]
-    text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.exists() else "# Benchmarks\n"
-    lines = text.rstrip("\n").split("\n")
-    if SECTION not in lines:
-        lines += ["", SECTION, "", "Default shape (batch 2 x sequence 128) on the meta device.", "", HEADER]
-    end = lines.index(SECTION) + 1
-    while end < len(lines) and not lines[end].startswith("| date"):
-        end += 1
-    while end < len(lines) and lines[end].startswith("|"):
-        end += 1
-    lines[end:end] = rows
-    BENCHMARKS.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    insert_rows(SECTION, "Default shape (batch 2 x sequence 128) on the meta device.", HEADER, rows)
 
 
 def main() -> None:
@@ -110,10 +172,12 @@ def main() -> None:
         # The machine may be shared: the 1-minute load average tells how contended the wall times were.
         "load_average": round(os.getloadavg()[0], 1),
         "models": models,
+        "cli": [measure_cli(name) for name in args.models],
     }
     print(json.dumps(results, indent=2))
     if not args.no_append:
         append_rows(results)
+        append_cli_rows(results)
 
 
 if __name__ == "__main__":

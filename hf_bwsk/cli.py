@@ -19,6 +19,9 @@ from .errors import BWSKError
 from .models import BUILTIN_MODELS, load_config
 
 EXIT_BAD_INPUT = 2
+# The analyze defaults; without --seq-len / --batch-size they are rounded up to sizes that identify the
+# axes, so the CALM report needs no second trace.
+DEFAULT_SEQ_LEN, DEFAULT_BATCH = 128, 2
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,11 @@ def positive_int(text: str) -> int:
         help=f"a built-in name ({', '.join(BUILTIN_MODELS)}), a local model directory, "
         "or a Hub id 'owner/name' (config only, no weights are downloaded)",
     ),
-    argument("--seq-len", type=positive_int, default=128, help="tokens per sequence of the traced forward"),
-    argument("--batch-size", type=positive_int, default=2, help="sequences in the traced batch"),
+    argument("--seq-len", type=positive_int,
+             help="tokens per sequence of the traced forward (default: about 128, rounded up to a size that "
+             "tells the axes apart, so one trace serves every table)"),
+    argument("--batch-size", type=positive_int,
+             help="sequences in the traced batch (default: a small prime that tells the axes apart)"),
     argument(
         "--granularity",
         choices=("op", "module"),
@@ -76,6 +82,8 @@ def positive_int(text: str) -> int:
     ),
     argument("--json", type=Path, metavar="PATH", help="also save the report as JSON"),
     argument("--plot", type=Path, metavar="PATH", help="also save a PNG map of the layers (needs matplotlib)"),
+    argument("--html", type=Path, metavar="PATH",
+             help="also save a self-contained HTML report (layer map, CALM phases, sharding plan, ops)"),
 )
 def analyze(args: argparse.Namespace) -> None:
     _check_outputs(args)
@@ -84,13 +92,17 @@ def analyze(args: argparse.Namespace) -> None:
     from .analysis import analyze as analyze_forward
     from .analysis import calm_report
 
-    report = analyze_forward(config, seq_len=args.seq_len, batch_size=args.batch_size, granularity=args.granularity)
+    default_sizes = args.seq_len is None and args.batch_size is None
+    report = analyze_forward(config, seq_len=args.seq_len or DEFAULT_SEQ_LEN, batch_size=args.batch_size or DEFAULT_BATCH,
+                             granularity=args.granularity, identify_axes=default_sizes)
+    calm = None
     if args.granularity == "op":
+        calm = calm_report(report)
         print(report.to_table())
         print()
         print(report.module_view.to_table())
         print()
-        print(calm_report(report).to_table())
+        print(calm.to_table())
     else:
         print(report.module_view.to_table())
     if args.json:
@@ -99,6 +111,11 @@ def analyze(args: argparse.Namespace) -> None:
     if args.plot:
         report.plot(args.plot)
         print(f"layer map saved to {args.plot}")
+    if args.html:
+        from .analysis.html import save_html
+
+        save_html(args.html, report, calm)
+        print(f"HTML report saved to {args.html}")
 
 
 @subcommand("env", "print library versions and the device, for bug reports")
@@ -186,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Fail on unusable output paths before the analysis runs, not after."""
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--html", args.html)):
         if path is not None and not path.parent.is_dir():
             raise BWSKError(f"the directory of {flag} {path} does not exist; create it or pick another path")
-    if args.plot is not None and args.granularity == "module":
-        raise BWSKError("--plot maps the traced ops of each layer; use --granularity op or drop --plot")
+    for flag, path in (("--plot", args.plot), ("--html", args.html)):
+        if path is not None and args.granularity == "module":
+            raise BWSKError(f"{flag} maps the traced ops of each layer; use --granularity op or drop {flag}")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise BWSKError("--plot needs matplotlib; install it with: pip install 'hf-bwsk[plot]'")
 

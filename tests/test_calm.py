@@ -73,8 +73,11 @@ def test_mamba_layer_synchronises_along_sequence_in_its_conv_and_scan():
         names = [op for op, _ in ops]
         assert all(path == "mixer" for _, path in ops), ops
         assert "aten.convolution.default" in names
-        # The reference scan reads each step (select along the sequence) and stacks the outputs.
-        assert names.count("aten.select.int") >= report.seq_len and "aten.stack.default" in names
+        # The reference scan reads each step (select along the sequence) and stacks the outputs; the
+        # loop over the steps is one logical op group, its sync points carry the repeat count.
+        looped = [p for p in report.axes["sequence"].sync_points if p.layer == layer and p.repeats > 1]
+        assert {p.op for p in looped} == {"aten.select.int"} and {p.repeats for p in looped} == {report.seq_len - 1}
+        assert "aten.stack.default" in names
 
 
 def test_a_report_at_ambiguous_sizes_is_retraced_at_probe_sizes():

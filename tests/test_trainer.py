@@ -13,7 +13,7 @@ from tiny_models import ARCHS, tiny_batch, tiny_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_bwsk.errors import BWSKError
-from hf_bwsk.layout import CALM_REPORT, SK_REPORT
+from hf_bwsk.layout import ANALYSIS_HTML, CALM_REPORT, SK_REPORT
 from hf_bwsk.training.args import BWSK_MODES, BWSKTrainingArguments, parse_byte_size
 from hf_bwsk.training.trainer import BWSKTrainer
 
@@ -52,6 +52,8 @@ def test_analyzed_trains_identically_and_reports(tmp_path):
     sk = json.loads((tmp_path / "analyzed" / SK_REPORT).read_text())
     assert sk["records"], "the S/K report JSON holds the traced ops"
     assert json.loads((tmp_path / "analyzed" / CALM_REPORT).read_text())
+    html = (tmp_path / "analyzed" / ANALYSIS_HTML).read_text()
+    assert "Per-layer S/K map" in html and "Recompute plan" not in html
 
 
 @pytest.mark.slow
@@ -98,6 +100,7 @@ def test_budget_below_minimum_stops_before_the_first_step(tmp_path):
 
 def test_push_to_hub_card_is_ours(tmp_path):
     trainer, _ = train("llama", tmp_path, mode="reversible", steps=2)
+    assert "<h2>Recompute plan</h2>" in (tmp_path / ANALYSIS_HTML).read_text(), "rewritten with the plan"
     trainer.create_model_card()
     card = (tmp_path / "README.md").read_text()
     assert card.startswith("---") and "bwsk" in card.lower()

@@ -16,10 +16,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..env import versions
 from ..errors import BWSKError
-from .axes import AxisSizes, identifies_axes, model_sizes
+from .axes import AxisSizes, identifies_axes, identifying_sizes, model_sizes
 from .layers import find_decoder_layers
 from .module_view import ModuleView
 from .report import SKReport
+from .steps import group_sequence_loops
 from .trace import trace_call
 
 GRANULARITIES = ("op", "module")
@@ -32,15 +33,22 @@ def analyze(
     seq_len: int = 128,
     batch_size: int = 2,
     granularity: str = "op",
+    identify_axes: bool = False,
 ) -> SKReport:
     """Classify every aten op of one forward (with the causal-LM loss) as S, K or Gray.
 
     A `PretrainedConfig` is built on the meta device (no weights allocated) in float32. A model is
     traced where it lives (meta or a real device) under ``torch.no_grad()``, in its current
     train/eval mode, and is left unchanged. The input is ``batch_size`` sequences of ``seq_len``
-    token ids with an all-ones attention mask, and the labels are the ids.
+    token ids with an all-ones attention mask, and the labels are the ids. A loop over the sequence
+    (a recurrent reference scan) is grouped into logical ops with a repeat count (`steps.py`).
 
     ``granularity="module"`` skips the trace and reports the published cards' leaf-module view.
+
+    ``identify_axes=True`` rounds ``batch_size`` and ``seq_len`` up to the nearest sizes that tell
+    the batch, sequence and hidden axes apart (`axes.identifying_sizes`), so that `calm_report` can
+    use this trace instead of tracing again at probe sizes (what ``hf-bwsk analyze`` does at its
+    default sizes). Count ratios do not depend on the sizes; bytes and FLOPs shares barely do.
 
     Raises:
         BWSKError: for a model or config that is not a causal LM, an unknown granularity, or
@@ -52,14 +60,18 @@ def analyze(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BWSKError(f"{name} must be a positive integer, got {value!r}")
     model = build_model(model_or_config)
-    _check_length(model.config, seq_len)
     layers_path, layers = find_decoder_layers(model)
     sizes = model_sizes(model)
+    if identify_axes and not identifies_axes(batch_size, seq_len, sizes):
+        rounded = identifying_sizes(batch_size, seq_len, sizes)
+        batch_size, seq_len = rounded.batch, rounded.sequence
+    _check_length(model.config, seq_len)
     axes = AxisSizes(batch_size, seq_len) if identifies_axes(batch_size, seq_len, sizes) else None
     parameter = next(model.parameters())
     records, skipped = [], {}
     if granularity == "op":
         records, skipped = _trace(model, layers_path, axes, batch_size, seq_len, parameter.device)
+        group_sequence_loops(records, seq_len)
     return SKReport(
         model_class=type(model).__name__,
         model_type=model.config.model_type,

@@ -87,6 +87,13 @@ def probe_sizes(sizes: set[int]) -> AxisSizes:
     return AxisSizes(batch, sequence)
 
 
+def identifying_sizes(batch: int, sequence: int, sizes: set[int]) -> AxisSizes:
+    """The smallest batch >= ``batch`` and length >= ``sequence`` that identify the axes (distinct
+    primes dividing no model size): one trace then serves the S/K tables and the CALM report."""
+    batch = _next_probe(max(batch, 2), sizes, exclude=0)
+    return AxisSizes(batch, _next_probe(max(sequence, 2), sizes, exclude=batch))
+
+
 def _next_probe(start: int, sizes: set[int], exclude: int) -> int:
     candidate = start
     while candidate == exclude or not _is_prime(candidate) or any(size % candidate == 0 for size in sizes):

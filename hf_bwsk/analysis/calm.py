@@ -3,7 +3,8 @@
 After Hellerstein & Alvaro's "Keeping CALM": a computation is coordination-free when it is
 monotone over growing inputs. For a network sharded along an axis, element-wise ops are
 coordination-free; an op that reduces, contracts or mixes along that axis needs the other shards'
-data, a synchronisation point. The axes: batch (data parallel), sequence (context parallel) and
+data, a synchronisation point. A loop over the sequence (`steps.py`) counts its body once: a
+sync point inside it carries the loop's repeat count. The axes: batch (data parallel), sequence (context parallel) and
 hidden (tensor parallel). Between two sync points lies a coordination-free phase.
 
 The per-op mixing rules are in `mixing.py`; telling which dim is which axis needs a trace at
@@ -13,7 +14,7 @@ probe sizes (`axes.py`), so a report traced at other sizes is re-traced from its
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -21,6 +22,7 @@ from .analyzer import analyze, build_model
 from .axes import AXES, BATCH, HIDDEN, SEQUENCE, model_sizes, probe_sizes
 from .records import OpRecord
 from .report import Phase, SKReport
+from .sharding import ShardingPlan, hidden_plan
 
 PARALLELISM = {BATCH: "data parallel", SEQUENCE: "context parallel", HIDDEN: "tensor parallel"}
 
@@ -34,6 +36,7 @@ class SyncPoint:
     module_path: str
     layer: int | None
     path_in_layer: str | None
+    repeats: int = 1
 
 
 @dataclass
@@ -71,6 +74,9 @@ class CalmReport:
     seq_len: int
     num_layers: int
     axes: dict[str, AxisReport]
+    hidden_plan: ShardingPlan | None = None
+    # The logical data-path records it was built from (for maps, e.g. the HTML report); not serialised.
+    records: list[OpRecord] = field(default_factory=list, repr=False, compare=False)
 
     def sync_counts(self) -> dict[str, int]:
         return {axis: len(report.sync_points) for axis, report in self.axes.items()}
@@ -83,12 +89,15 @@ class CalmReport:
             "num_layers": self.num_layers,
             "sync_counts": self.sync_counts(),
             "axes": {axis: report.to_dict() for axis, report in self.axes.items()},
+            "hidden_plan": self.hidden_plan.to_dict() if self.hidden_plan else None,
         }
 
     def to_table(self) -> str:
         lines = [
             f"CALM report of {self.model_class}: sync points per sharding axis "
             f"(traced at batch {self.batch_size} x sequence {self.seq_len}, sizes that tell the axes apart)",
+            "",
+            "(the hidden count is an upper bound: every op mixing features; the sharding plan below needs fewer)",
             "",
             f"{'axis':<9} {'parallelism':<17} {'sync points':>11} {'per layer':>10} {'outside layers':>14} "
             f"{'free phases':>11} {'longest phase':>13}",
@@ -104,13 +113,32 @@ class CalmReport:
         lines += ["", "sync ops per axis (op @ module, relative to its layer; count):"]
         for axis, report in self.axes.items():
             found = Counter(
-                (point.op, point.module_path if point.layer is None else f"layer.{point.path_in_layer}".rstrip("."))
+                (point.op, point.module_path if point.layer is None else f"layer.{point.path_in_layer}".rstrip("."),
+                 point.repeats)
                 for point in report.sync_points
             )
             lines.append(f"  {axis}:")
-            for (op, where), count in sorted(found.items(), key=lambda item: (-item[1], item[0])):
-                lines.append(f"    {op} @ {where or '<model>'}: {count}")
+            for (op, where, repeats), count in sorted(found.items(), key=lambda item: (-item[1], item[0])):
+                per_step = f" (once per step of a loop over the sequence, {repeats} steps)" if repeats > 1 else ""
+                lines.append(f"    {op} @ {where or '<model>'}: {count}{per_step}")
+        if self.hidden_plan is not None:
+            lines += ["", *self._plan_lines()]
         return "\n".join(lines)
+
+    def _plan_lines(self) -> list[str]:
+        plan = self.hidden_plan
+        per_layer = sorted(set(plan.layer_collectives().values())) or [0]
+        per_layer_text = str(per_layer[0]) if len(per_layer) == 1 else f"{per_layer[0]}-{per_layer[-1]}"
+        lines = [f"tensor-parallel sharding plan (hidden axis): {per_layer_text} collective(s) per layer, "
+                 f"{plan.total()} in the forward (upper bound: {len(self.axes[HIDDEN].sync_points)} sync points)"]
+        if plan.layers:
+            first = plan.layers[0]
+            lines.append("  layer 0 linears: " + ", ".join(f"{name} {choice}" for name, choice in first.linears.items()))
+            lines += [f"  layer 0 {item.kind} after {item.op} @ layer.{item.path_in_layer}".rstrip(".")
+                      for item in first.collectives]
+        if plan.outside is not None:
+            lines += [f"  outside the layers: {item.kind} after {item.op}" for item in plan.outside.collectives]
+        return lines
 
 
 def calm_report(source: PreTrainedModel | PretrainedConfig | SKReport) -> CalmReport:
@@ -134,9 +162,10 @@ def _probe_trace(source) -> SKReport:
 
 
 def _from_report(report: SKReport) -> CalmReport:
-    data = report.data_records
+    data = report.logical_records
     axes = {axis: _axis_report(axis, data, report.num_layers) for axis in AXES}
-    return CalmReport(report.model_class, report.batch_size, report.seq_len, report.num_layers, axes)
+    plan = hidden_plan(report.records, report.num_layers)
+    return CalmReport(report.model_class, report.batch_size, report.seq_len, report.num_layers, axes, plan, data)
 
 
 def _axis_report(axis: str, data: list[OpRecord], num_layers: int) -> AxisReport:
@@ -161,7 +190,7 @@ def _axis_report(axis: str, data: list[OpRecord], num_layers: int) -> AxisReport
             close(run, phases)
             close(layer_run, None)
             sync_points.append(SyncPoint(record.index, record.op, record.module_path, record.layer,
-                                         record.path_in_layer))
+                                         record.path_in_layer, record.repeats))
             if record.layer is not None:
                 layer_syncs[record.layer] += 1
             continue

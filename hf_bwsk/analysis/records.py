@@ -25,6 +25,11 @@ class OpRecord:
     which ``input_shapes`` alone cannot tell from auxiliary ones; ``relabels`` marks views and
     casts, which carry their input on whatever their kind says about the elements they drop or round.
     Records saved before these fields existed load with them empty.
+
+    A loop over the sequence (one op group per token step, `hf_bwsk.analysis.steps`) sets
+    ``repeats`` to its number of steps and ``step`` to this record's iteration on every record of
+    the loop; ops outside loops have ``repeats=1, step=0``. Counts use the ``step == 0`` records
+    (`is_logical`), bytes and FLOPs every record.
     """
 
     index: int
@@ -44,6 +49,13 @@ class OpRecord:
     producers: tuple[int, ...] = ()
     activation_input_numel: int = 0
     relabels: bool = False
+    repeats: int = 1
+    step: int = 0
+
+    @property
+    def is_logical(self) -> bool:
+        """The record that stands for its op in counts: every op outside loops, a loop's first step."""
+        return self.step == 0
 
     def to_dict(self) -> dict:
         data = asdict(self)

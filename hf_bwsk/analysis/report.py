@@ -18,6 +18,16 @@ _WEIGHTS = {"count": lambda record: 1, "bytes": lambda record: record.output_byt
 RATIO_WEIGHTS = tuple(_WEIGHTS)
 
 
+class SequenceLoop(NamedTuple):
+    """A loop over the sequence: ``body_ops`` records run once per step, ``steps`` times."""
+
+    first: int
+    module_path: str
+    layer: int | None
+    body_ops: int
+    steps: int
+
+
 class Phase(NamedTuple):
     """A maximal run of consecutive ops (indices into `SKReport.records`, inclusive)."""
 
@@ -53,6 +63,7 @@ class SKReport:
     axis_sizes: dict | None = None
     model_name: str = ""
     _data: list[OpRecord] | None = field(default=None, init=False, repr=False, compare=False)
+    _logical: list[OpRecord] | None = field(default=None, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------ views of the records
     @property
@@ -61,9 +72,31 @@ class SKReport:
             self._data = [record for record in self.records if record.data_path]
         return self._data
 
+    @property
+    def logical_records(self) -> list[OpRecord]:
+        """The data-path ops as counted: a loop over the sequence contributes its body once."""
+        if self._logical is None:
+            self._logical = [record for record in self.data_records if record.is_logical]
+        return self._logical
+
+    def sequence_loops(self) -> list[SequenceLoop]:
+        """The loops over the sequence found in the trace (`steps.py`), in execution order."""
+        loops: list[SequenceLoop] = []
+        previous = None
+        for record in self.records:
+            if record.repeats > 1:
+                starts = previous is None or previous.repeats == 1 or record.step < previous.step
+                if starts:
+                    loops.append(SequenceLoop(record.index, record.module_path, record.layer, 0, record.repeats))
+                if record.step == 0:
+                    loops[-1] = loops[-1]._replace(body_ops=loops[-1].body_ops + 1)
+            previous = record
+        return loops
+
     def ratios(self, by: str = "count") -> dict[str, float]:
-        """Fractions of S, K and Gray among data-path ops, weighted by op count, output bytes or
-        FLOPs; they sum to 1 (all 0.0 when nothing carries that weight)."""
+        """Fractions of S, K and Gray among data-path ops, weighted by op count (logical ops: a loop
+        over the sequence counts its body once), output bytes or FLOPs (every step); they sum to 1
+        (all 0.0 when nothing carries that weight)."""
         if by not in RATIO_WEIGHTS:
             raise BWSKError(f"unknown ratio weight '{by}'; use one of {', '.join(RATIO_WEIGHTS)}")
         if self.granularity == "module":
@@ -71,16 +104,16 @@ class SKReport:
                 raise BWSKError("the module view only counts leaves; analyze with granularity='op' for bytes/flops")
             return self.module_view.ratios()
         weight, totals = _WEIGHTS[by], Counter()
-        for record in self.data_records:
+        for record in self.logical_records if by == "count" else self.data_records:
             totals[record.kind] += weight(record)
         grand = sum(totals.values())
         return {kind: (totals[kind] / grand if grand else 0.0) for kind in KINDS}
 
     def op_counts(self) -> dict[str, int]:
-        """Data-path ops per kind (leaf modules per kind in the module view)."""
+        """Logical data-path ops per kind (leaf modules per kind in the module view)."""
         if self.granularity == "module":
             return self.module_view.counts()
-        found = Counter(record.kind for record in self.data_records)
+        found = Counter(record.kind for record in self.logical_records)
         return {kind: found.get(kind, 0) for kind in KINDS}
 
     @property
@@ -89,8 +122,8 @@ class SKReport:
         return sorted({record.op for record in self.records if record.reason.startswith("unclassified")})
 
     def layer_records(self, layer: int) -> list[OpRecord]:
-        """The data-path ops of one decoder layer, in execution order."""
-        return [record for record in self.data_records if record.layer == layer]
+        """The logical data-path ops of one decoder layer, in execution order."""
+        return [record for record in self.logical_records if record.layer == layer]
 
     # ------------------------------------------------------------ output
     def summary(self) -> dict:
@@ -101,6 +134,9 @@ class SKReport:
             "ratios": {by: self.ratios(by) for by in weights},
             "op_counts": self.op_counts(),
             "auxiliary_ops": sum(not record.data_path for record in self.records),
+            "data_path_ops": len(self.data_records),
+            "logical_ops": len(self.logical_records),
+            "sequence_loops": [loop._asdict() for loop in self.sequence_loops()],
             "skipped_identities": sum(self.skipped.values()),
             "unclassified": self.unclassified,
             "module_view": self.module_view.ratios(),
@@ -115,25 +151,28 @@ class SKReport:
         """A readable text report: ratios, and counts by module class and by (op, kind, reason)."""
         if self.granularity == "module":
             return self.module_view.to_table()
-        data = self.data_records
+        data, logical = self.data_records, self.logical_records
         lines = [
             f"S/K analysis of {self.model_name or self.model_class} ({self.model_class}), "
             f"batch {self.batch_size} x sequence {self.seq_len}, traced on {self.device} in {self.dtype}",
-            f"{len(data)} data-path ops, {len(self.records) - len(data)} auxiliary ops (masks, positions; "
-            f"not in the ratios), {sum(self.skipped.values())} identities skipped",
-            "",
-            f"{'weight':<8}" + "".join(f"{kind:>9}" for kind in KINDS),
+            f"{len(data)} data-path ops ({len(logical)} logical), {len(self.records) - len(data)} auxiliary ops "
+            f"(masks, positions; not in the ratios), {sum(self.skipped.values())} identities skipped",
         ]
+        alike = Counter((loop.body_ops, loop.steps) for loop in self.sequence_loops())
+        for (body_ops, steps), count in alike.items():
+            lines.append(f"{count} loop(s) over the sequence ({body_ops} ops x {steps} steps each), counted as "
+                         f"{body_ops} logical ops each (bytes and FLOPs: every step)")
+        lines += ["", f"{'weight':<8}" + "".join(f"{kind:>9}" for kind in KINDS)]
         for by in RATIO_WEIGHTS:
             lines.append(f"{by:<8}" + "".join(f"{share:>9.1%}" for share in self.ratios(by).values()))
         lines += ["", f"{'module class':<32} {'ops':>7}" + "".join(f"{kind:>7}" for kind in KINDS)]
         by_class: dict[str, Counter] = {}
-        for record in data:
+        for record in logical:
             by_class.setdefault(record.module_class, Counter())[record.kind] += 1
         for module_class, counts in sorted(by_class.items(), key=lambda item: -sum(item[1].values())):
             lines.append(f"{module_class:<32} {sum(counts.values()):>7}" + "".join(f"{counts[k]:>7}" for k in KINDS))
         lines += ["", f"{'op':<44} {'kind':<5} {'count':>7}  reason"]
-        by_op = Counter((record.op, record.kind, record.reason) for record in data)
+        by_op = Counter((record.op, record.kind, record.reason) for record in logical)
         for (op, kind, reason), count in sorted(by_op.items(), key=lambda item: (-item[1], item[0])):
             lines.append(f"{op:<44} {kind:<5} {count:>7}  {reason}")
         lines += ["", "unclassified ops: " + (", ".join(self.unclassified) or "none")]

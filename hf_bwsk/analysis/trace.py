@@ -19,7 +19,6 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import BWSKError
 from .axes import AxisSizes
@@ -165,8 +164,10 @@ class OpTracer(TorchDispatchMode):
         self._meta_pointwise = MetaPointwise()
         # Tensors written in place get marked, and may outlive the trace (buffers): unmarked at the end.
         self.marked_in_place: list[weakref.ref] = []
-        # Tensor -> indices of the records that produced it (several when an identity merged them).
-        self._producers = WeakIdKeyDictionary()
+        # id(tensor) -> (weak reference to it, indices of the records that produced it; several when
+        # an identity merged them). The reference tells a live tensor from a dead one whose id was
+        # reused; a plain dict with weakref.ref costs a fraction of a WeakIdKeyDictionary per lookup.
+        self._producers: dict[int, tuple[weakref.ref, tuple[int, ...]]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # The hot path of the trace (tens of thousands of calls for a reference scan): keep it lean.
@@ -216,12 +217,14 @@ class OpTracer(TorchDispatchMode):
     def _producers_of(self, inputs: list[torch.Tensor]) -> tuple[int, ...]:
         found = set()
         for tensor in inputs:
-            found.update(self._producers.get(tensor, ()))
+            entry = self._producers.get(id(tensor))
+            if entry is not None and entry[0]() is tensor:
+                found.update(entry[1])
         return tuple(sorted(found))
 
     def _set_producers(self, outputs: list[torch.Tensor], producers: tuple[int, ...]) -> None:
         for tensor in outputs:
-            self._producers[tensor] = producers
+            self._producers[id(tensor)] = (weakref.ref(tensor), producers)
 
     def _run(self, func, info: _OpInfo, args, kwargs):
         if info.pointwise and self._meta_pointwise.applies(args, kwargs):

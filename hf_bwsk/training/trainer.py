@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import Trainer
 
 from ..errors import BWSKError
-from ..layout import CALM_REPORT, README, SK_REPORT
+from ..layout import ANALYSIS_HTML, CALM_REPORT, README, SK_REPORT
 from ..memory import ReversibleMode
 from ..memory.support import distributed_refusal
 from ..rng import forked_rng
@@ -91,7 +91,16 @@ class BWSKTrainer(Trainer):
             report.save_json(report_dir / SK_REPORT)
             (report_dir / CALM_REPORT).write_text(json.dumps(calm.to_dict(), indent=2) + "\n", encoding="utf-8")
         self.calm_report = calm
+        self._write_html(report, None)
         return report
+
+    def _write_html(self, report, recompute_plan: dict | None) -> None:
+        """The HTML report beside the JSON ones (main process); rewritten once the recompute plan exists."""
+        if self.is_world_process_zero():
+            from ..analysis.html import save_html
+
+            save_html(Path(self.args.bwsk_report_dir or self.args.output_dir) / ANALYSIS_HTML,
+                      report, self.calm_report, recompute_plan)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._first_step_pending:
@@ -114,6 +123,7 @@ class BWSKTrainer(Trainer):
                 plan = status["plan"]
                 logs["bwsk/kept_bytes_estimate"] = float(plan["kept_bytes_estimate"])
                 logs["bwsk/recompute_flops_fraction"] = plan["recompute_flops_fraction"]
+                self._write_html(self.sk_report, plan)
         self.log(logs)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
