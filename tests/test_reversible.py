@@ -151,8 +151,9 @@ def test_budget_below_minimum_fails_before_training():
         reversible(model, tiny_batch(2, 32), memory_budget_bytes=1000)  # layer inputs: 2 x (2*32*32*4)
 
 
-def test_unsupported_model_falls_back_with_one_warning_and_exact_gradients():
-    # Cohere scales its logits: the fused loss on the plain head would be wrong, so the mode must not use it.
+def test_logit_scaling_model_keeps_its_own_loss_with_one_warning_and_exact_gradients():
+    # Cohere scales its logits: the fused loss on the plain head would be wrong, so the mode keeps the
+    # model's loss (decided at construction, without a batch) and applies only the layer policy.
     config = CohereConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, intermediate_size=64, logit_scale=0.5)
     torch.manual_seed(0)
@@ -162,11 +163,13 @@ def test_unsupported_model_falls_back_with_one_warning_and_exact_gradients():
     batch = tiny_batch(2, 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mode = reversible(model, batch)
-    fallback_warnings = [w for w in caught if "Falling back" in str(w.message)]
-    assert len(fallback_warnings) == 1, [str(w.message) for w in caught]
+        mode = ReversibleMode(model, loss_chunk_size=24)
+    own_loss_warnings = [w for w in caught if "own loss" in str(w.message)]
+    assert len(own_loss_warnings) == 1, [str(w.message) for w in caught]
+    mode.install_forward()
+    mode.setup(batch)
     status = mode.status()
-    assert status["status"] == "fallback" and "logit" in status["reason"]
+    assert status["status"] == "active" and status["loss"] == "model" and "logit" in status["loss_reason"]
     assert model.is_activation_checkpointing
     model(**batch).loss.backward()
     conventional(**batch).loss.backward()

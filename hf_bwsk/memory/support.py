@@ -1,20 +1,15 @@
-"""Whether the reversible mode can run on a model: the support probe, done before any step.
+"""Whether the fused loss equals the model's own: the head probe, done before any step.
 
 The fused loss replaces the model's own logits and loss, so it is used only when they are exactly a
-plain linear head over the last hidden state and HF's causal-LM cross-entropy; the layer policy
-needs transformers' checkpointable decoder layers. Anything else is reported as a reason, and the
-caller falls back to HF activation checkpointing.
+plain linear head over the last hidden state and HF's causal-LM cross-entropy. A mismatch is
+reported as a reason, and the caller keeps the model's own loss.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..errors import BWSKError
 from ..rng import forked_rng
 from .loss import fused_linear_cross_entropy
 
@@ -22,21 +17,6 @@ from .loss import fused_linear_cross_entropy
 LOSS_ONLY_INPUTS = ("labels", "num_items_in_batch", "shift_labels", "logits_to_keep", "return_dict")
 # Tokens used to check the output head against the model's own logits and loss.
 _HEAD_CHECK_TOKENS = 32
-
-
-def unsupported_reason(model, find_layers: Callable, batch: dict) -> str | None:
-    """Why the reversible mode cannot run on ``model``, or None."""
-    try:
-        layers_path, layers = find_layers(model)
-    except BWSKError as error:
-        return f"no decoder-layer list found ({error})"
-    if not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
-        return f"the layers under {layers_path} are not transformers GradientCheckpointingLayers"
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if weight is None or weight.dim() != 2:
-        return "the output embeddings are not a linear head with a [vocab, hidden] weight"
-    return head_mismatch(model, head, batch)
 
 
 def head_mismatch(model, head, batch: dict) -> str | None:
