@@ -3,15 +3,13 @@
 Every field carries `metadata={"help": ...}`, so `HfArgumentParser` exposes it as a `--flag`.
 """
 
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
-from transformers.utils import logging
 
 from ..errors import BWSKError
 from ..memory.budget import parse_byte_size
-
-logger = logging.get_logger(__name__)
 
 BWSK_MODES = ("conventional", "analyzed", "reversible")
 
@@ -79,9 +77,11 @@ class BWSKTrainingArguments(TrainingArguments):
         checkpointing = getattr(self, "activation_checkpointing", None) or self.gradient_checkpointing
         if self.bwsk_mode == "reversible" and checkpointing:
             # TRL's SFTConfig turns checkpointing on by default: our layer policy replaces it, it does not fail.
-            logger.warning(
+            warnings.warn(
                 "bwsk_mode='reversible' replaces activation_checkpointing=True by its own layer policy "
-                "(set activation_checkpointing=False to silence this)"
+                "(set activation_checkpointing=False to silence this)",
+                UserWarning,
+                stacklevel=3,
             )
             self.gradient_checkpointing = False
             if hasattr(self, "activation_checkpointing"):
