@@ -12,6 +12,7 @@ from hf_bwsk.analysis import find_decoder_layers
 from hf_bwsk.analysis.records import OpRecord
 from hf_bwsk.errors import BWSKError
 from hf_bwsk.memory import ReversibleMode, bytes_kept_for_backward
+from hf_bwsk.memory.checkpointing import checkpointing_enabled
 from hf_bwsk.memory.plan import OpKey, plan_recompute
 
 # Mamba's reference scan runs one op group per token on CPU: its cases take ~8 s each.
@@ -119,10 +120,10 @@ def test_teardown_leaves_the_model_as_it_was():
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     keys_before = list(model.state_dict())
     mode = reversible(model, tiny_batch(2, 16))
-    assert model.is_activation_checkpointing
+    assert checkpointing_enabled(model)
     mode.teardown()
     assert "forward" not in model.__dict__
-    assert not model.is_activation_checkpointing
+    assert not checkpointing_enabled(model)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
     assert list(model.state_dict()) == keys_before
 
@@ -170,7 +171,7 @@ def test_logit_scaling_model_keeps_its_own_loss_with_one_warning_and_exact_gradi
     mode.setup(batch)
     status = mode.status()
     assert status["status"] == "active" and status["loss"] == "model" and "logit" in status["loss_reason"]
-    assert model.is_activation_checkpointing
+    assert checkpointing_enabled(model)
     model(**batch).loss.backward()
     conventional(**batch).loss.backward()
     assert_grads_close(model, conventional, rtol=1e-5, atol=1e-6)

@@ -74,8 +74,9 @@ class LayerPathTracker:
 class SelectivePolicy:
     """`context_fn` for `torch.utils.checkpoint`: one selective-checkpoint context per layer call.
 
-    The layer index is read when the checkpoint starts (the layer's pre-hook ran just before); the
-    module path of each op comes from the tracker's hooks. Occurrences are counted separately for
+    The layer index and the module path of each op come from the tracker's hooks, read per op:
+    transformers 5.23 checkpoints a layer's `forward` (its hooks have run when the checkpoint
+    starts), 5.17 its `__call__` (the hooks run inside the checkpoint). Occurrences are counted separately for
     the forward and the recompute, so torch versions that ask the policy again while recomputing
     get the same answers.
     """
@@ -85,7 +86,6 @@ class SelectivePolicy:
         self.tracker = tracker
 
     def __call__(self):
-        layer = self.tracker.layer
         counts = {False: Counter(), True: Counter()}
 
         def policy(ctx, func, *args, **kwargs):
@@ -93,7 +93,7 @@ class SelectivePolicy:
             seen = counts[ctx.is_recompute]
             occurrence = seen[(path, name)]
             seen[(path, name)] += 1
-            keep = self.plan.keeps(OpKey(layer, path, name, occurrence), flop_formula(func) is not None)
+            keep = self.plan.keeps(OpKey(self.tracker.layer, path, name, occurrence), flop_formula(func) is not None)
             return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
         return create_selective_checkpoint_contexts(policy)
