@@ -52,12 +52,35 @@ def test_apply_reversible_plans_on_the_first_forward_and_remove_restores():
     assert model(**batch).logits is not None
 
 
+@pytest.mark.parametrize("piece", ["fused_loss_alone", "layer_policy_alone"])
+def test_each_piece_applies_alone_at_equal_gradients(piece):
+    model, conventional = tiny_model("llama").train(), tiny_model("llama").train()
+    batch = tiny_batch(2, 32)
+    options = {"layer_policy": False} if piece == "fused_loss_alone" else {"loss": "model"}
+    handle = hf_bwsk.apply_reversible(model, loss_chunk_size=16, **options)
+    output = model(**batch)
+    output.loss.backward()
+    expected = conventional(**batch).loss
+    expected.backward()
+    assert_tensors_close(output.loss, expected, rtol=1e-5, atol=1e-6, name=piece)
+    assert_grads_close(model, conventional, rtol=1e-5, atol=1e-6)
+    status = handle.status()
+    if piece == "fused_loss_alone":
+        assert output.logits is None and status["plan"] is None and not checkpointing_enabled(model)
+    else:
+        assert output.logits is not None and status["loss"] == "model" and status["plan"]["recomputed_ops"]
+        assert checkpointing_enabled(model)
+    handle.remove()
+
+
 def test_apply_reversible_refuses_bad_input_before_any_work():
     model = tiny_model("llama")
     with pytest.raises(BWSKError, match="choose one of fused, model"):
         hf_bwsk.apply_reversible(model, loss="chunked")
     with pytest.raises(BWSKError, match="byte size"):
         hf_bwsk.apply_reversible(model, memory_budget="lots")
+    with pytest.raises(BWSKError, match="nothing to apply"):
+        hf_bwsk.apply_reversible(model, loss="model", layer_policy=False)
     with pytest.raises(BWSKError, match="no output head"):
         hf_bwsk.apply_reversible(model.model)  # the bare LlamaModel: not a causal LM
     assert "forward" not in model.__dict__

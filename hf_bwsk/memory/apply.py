@@ -92,6 +92,7 @@ class ReversibleMode:
         model: a causal-LM `PreTrainedModel`, or a PEFT model around one.
         find_layers: `model -> (path, ModuleList)` of the decoder layers.
         loss: `"fused"` (fused linear cross-entropy) or `"model"` (the model's own loss; layer policy only).
+        layer_policy: False: no selective recompute, the fused loss alone.
         loss_chunk_size: tokens per chunk of the fused loss.
         memory_budget_bytes: optional byte budget for what the layers keep (see `plan_recompute`).
     """
@@ -102,6 +103,7 @@ class ReversibleMode:
         *,
         find_layers: Callable[[torch.nn.Module], tuple[str, torch.nn.ModuleList]] = find_decoder_layers,
         loss: str = "fused",
+        layer_policy: bool = True,
         loss_chunk_size: int = 1024,
         memory_budget_bytes: int | None = None,
     ):
@@ -109,6 +111,10 @@ class ReversibleMode:
             raise BWSKError(f"unknown loss {loss!r} for the reversible mode: choose one of {', '.join(LOSSES)}")
         if loss_chunk_size < 1:
             raise BWSKError(f"loss_chunk_size must be >= 1, got {loss_chunk_size}")
+        if not layer_policy and loss == "model":
+            raise BWSKError("layer_policy=False with loss='model' leaves nothing to apply: keep one of the two")
+        if not layer_policy and memory_budget_bytes is not None:
+            raise BWSKError("a memory budget needs the layer policy: drop memory_budget or set layer_policy=True")
         self.model = base_causal_lm(model)
         if not getattr(self.model, "supports_gradient_checkpointing", False):
             raise BWSKError(
@@ -119,6 +125,7 @@ class ReversibleMode:
         self.layers_path, self.layers = require_causal_lm(self.model, find_layers)
         self.loss_chunk_size = loss_chunk_size
         self.memory_budget_bytes = memory_budget_bytes
+        self.layer_policy = layer_policy
         self.loss, self.loss_reason = loss, None if loss == "fused" else "asked for the model's own loss"
         if loss == "fused":
             self._check_head()
@@ -130,6 +137,7 @@ class ReversibleMode:
         self._patched_forward = None
         self._had_input_grad_hooks = False
         self._checkpointing = False
+        self._active = False
 
     def status(self) -> dict[str, Any]:
         """`{"status": "pending"|"active", "reason", "loss", "plan", ...}` for results files."""
@@ -171,7 +179,7 @@ class ReversibleMode:
         def forward(self_model, *args, labels=None, **kwargs):
             if mode._pending and self_model.training:
                 mode.setup(_batch_of(args, labels, kwargs))
-            if mode.loss == "fused" and mode._checkpointing and self_model.training and labels is not None:
+            if mode.loss == "fused" and mode._active and self_model.training and labels is not None:
                 return mode._fused_forward(self_model, args, labels, kwargs)
             return previous(*args, labels=labels, **kwargs)
 
@@ -205,31 +213,9 @@ class ReversibleMode:
         `BWSKError` for a memory budget below the minimum, before any step runs.
         """
         self._pending = False
-        model = self.model
-        if checkpointing_enabled(model):
-            # TRL (and users) switch HF checkpointing on by default: the layer policy replaces it.
-            warnings.warn(
-                "bwsk reversible mode replaces the activation checkpointing already on for "
-                f"{type(model).__name__} by its layer policy",
-                UserWarning,
-                stacklevel=2,
-            )
-            disable_checkpointing(model)
-        self._had_input_grad_hooks = bool(getattr(model, "_require_grads_hooks", None))
-        trace = trace_layers(model, self.layers_path, self.layers, batch)
-        # Inside the training forward, autocast caches the trace's weight casts; the layers' forward would
-        # then skip casts that their recompute in backward performs, and selective checkpointing's op
-        # counts would disagree. Start the forward with an empty cache, as it would without us.
-        torch.clear_autocast_cache()
-        plan = plan_recompute(
-            trace.records, trace.layer_input_bytes, self.memory_budget_bytes,
-            batch_size=trace.batch_size, hidden_size=trace.hidden_size,
-        )
-        self.plan = plan
-        self._tracker = LayerPathTracker(self.layers)
-        enable_checkpointing(model, {"use_reentrant": False, "context_fn": SelectivePolicy(plan, self._tracker)})
-        self._checkpointing = True
         fused = self.loss == "fused"
+        plan = self._install_layer_policy(batch) if self.layer_policy else None
+        self._active = True
         self._status = {
             "status": "active",
             "reason": None,
@@ -238,15 +224,41 @@ class ReversibleMode:
             "loss": "fused_linear_cross_entropy" if fused else "model",
             "loss_reason": self.loss_reason,
             "loss_chunk_size": self.loss_chunk_size if fused else None,
-            "plan": plan.summary(),
+            "plan": None if plan is None else plan.summary(),
         }
         return self.status()
+
+    def _install_layer_policy(self, batch: dict[str, Any]) -> RecomputePlan:
+        model = self.model
+        if checkpointing_enabled(model):
+            # TRL (and users) switch HF checkpointing on by default: the layer policy replaces it.
+            warnings.warn(
+                "bwsk reversible mode replaces the activation checkpointing already on for "
+                f"{type(model).__name__} by its layer policy",
+                UserWarning,
+                stacklevel=3,
+            )
+            disable_checkpointing(model)
+        self._had_input_grad_hooks = bool(getattr(model, "_require_grads_hooks", None))
+        trace = trace_layers(model, self.layers_path, self.layers, batch)
+        # Inside the training forward, autocast caches the trace's weight casts; the layers' forward would
+        # then skip casts that their recompute in backward performs, and selective checkpointing's op
+        # counts would disagree. Start the forward with an empty cache, as it would without us.
+        torch.clear_autocast_cache()
+        self.plan = plan_recompute(
+            trace.records, trace.layer_input_bytes, self.memory_budget_bytes,
+            batch_size=trace.batch_size, hidden_size=trace.hidden_size,
+        )
+        self._tracker = LayerPathTracker(self.layers)
+        enable_checkpointing(model, {"use_reentrant": False, "context_fn": SelectivePolicy(self.plan, self._tracker)})
+        self._checkpointing = True
+        return self.plan
 
     # --- teardown ------------------------------------------------------------------------------
 
     def teardown(self) -> None:
         """Undo everything: checkpointing, hooks, the forward patch (see below)."""
-        self._pending = False
+        self._pending = self._active = False
         if self._tracker is not None:
             self._tracker.remove()
             self._tracker = None
@@ -290,6 +302,7 @@ def apply_reversible(
     model: torch.nn.Module,
     *,
     loss: str = "fused",
+    layer_policy: bool = True,
     memory_budget: int | str | None = None,
     loss_chunk_size: int = 1024,
 ) -> ReversibleMode:
@@ -303,6 +316,7 @@ def apply_reversible(
         model: the causal LM (or PEFT model) to train.
         loss: ``"fused"``: the causal-LM loss by fused linear cross-entropy (no logits held);
             ``"model"``: the model's own loss (use it when a trainer computes the loss itself, as TRL's).
+        layer_policy: ``False``: no selective recompute in the layers, the fused loss alone.
         memory_budget: bytes the decoder layers may keep per micro-batch, e.g. ``"800MB"``; None: the
             analysis' default plan.
         loss_chunk_size: tokens per chunk of the fused loss.
@@ -315,6 +329,7 @@ def apply_reversible(
         handle.remove()
     """
     budget = None if memory_budget is None else parse_byte_size(memory_budget)
-    mode = ReversibleMode(model, loss=loss, loss_chunk_size=loss_chunk_size, memory_budget_bytes=budget)
+    mode = ReversibleMode(model, loss=loss, layer_policy=layer_policy, loss_chunk_size=loss_chunk_size,
+                          memory_budget_bytes=budget)
     mode.install_forward()
     return mode
