@@ -195,3 +195,13 @@ def test_mixin_brings_the_mode_to_another_trainer_subclass(tmp_path):
     trainer.train()
     assert trainer.reversible_mode.status()["status"] == "active"
     assert (tmp_path / "training_results.json").exists()
+
+
+@pytest.mark.slow
+def test_reversible_under_torch_compile_follows_conventional(tmp_path):
+    # The first training forward plans inside the compiled forward: the planning runs eagerly (the
+    # compiler skips it) and the steps after it compile with the layer policy on.
+    _, conventional = train("gpt_neox", tmp_path / "conventional", mode="conventional", steps=3, torch_compile=True)
+    trainer, reversible = train("gpt_neox", tmp_path / "reversible", mode="reversible", steps=3, torch_compile=True)
+    assert trainer.reversible_mode.status()["status"] == "active"
+    torch.testing.assert_close(torch.tensor(reversible), torch.tensor(conventional), rtol=1e-5, atol=1e-6)

@@ -178,7 +178,7 @@ class ReversibleMode:
         @functools.wraps(type(model).forward)
         def forward(self_model, *args, labels=None, **kwargs):
             if mode._pending and self_model.training:
-                mode.setup(_batch_of(args, labels, kwargs))
+                mode._setup_eagerly(_batch_of(args, labels, kwargs))
             if mode.loss == "fused" and mode._active and self_model.training and labels is not None:
                 return mode._fused_forward(self_model, args, labels, kwargs)
             return previous(*args, labels=labels, **kwargs)
@@ -205,6 +205,11 @@ class ReversibleMode:
         return CausalLMOutput(loss=loss)
 
     # --- planning ------------------------------------------------------------------------------
+
+    @torch.compiler.disable
+    def _setup_eagerly(self, batch: dict[str, Any]) -> None:
+        """`setup` from inside a forward that `torch.compile` may be tracing: the planning runs eagerly."""
+        self.setup(batch)
 
     def setup(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Analyze the forward on `batch`, plan, and switch checkpointing on with the layer policy.
