@@ -63,19 +63,14 @@ def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def require_causal_lm(model: torch.nn.Module, find_layers: Callable = find_decoder_layers) -> tuple[str, Any]:
-    """The decoder layers of ``model`` (PEFT-unwrapped), or a `BWSKError` naming the fix."""
+    """The decoder layers of ``model`` (PEFT-unwrapped) and their path, or a `BWSKError` naming the fix."""
     model = base_causal_lm(model)
-    name = type(model).__name__
     get_head = getattr(model, "get_output_embeddings", None)
     if get_head is None or get_head() is None:
-        raise BWSKError(f"{name} has no output head: the bwsk modes need a causal LM (AutoModelForCausalLM)")
-    layers_path, layers = find_layers(model)
-    if not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
         raise BWSKError(
-            f"the layers under {name}.{layers_path} are not transformers GradientCheckpointingLayers, which the "
-            "reversible mode checkpoints: train this model with bwsk_mode='conventional' or 'analyzed'"
+            f"{type(model).__name__} has no output head: the bwsk modes need a causal LM (AutoModelForCausalLM)"
         )
-    return layers_path, layers
+    return find_layers(model)
 
 
 class ReversibleMode:
@@ -123,6 +118,12 @@ class ReversibleMode:
             )
         self.find_layers = find_layers
         self.layers_path, self.layers = require_causal_lm(self.model, find_layers)
+        if not all(isinstance(layer, GradientCheckpointingLayer) for layer in self.layers):
+            raise BWSKError(
+                f"the layers under {type(self.model).__name__}.{self.layers_path} are not transformers "
+                "GradientCheckpointingLayers, which the reversible mode checkpoints: train this model with "
+                "bwsk_mode='conventional' or 'analyzed'"
+            )
         self.loss_chunk_size = loss_chunk_size
         self.memory_budget_bytes = memory_budget_bytes
         self.layer_policy = layer_policy
@@ -152,7 +153,8 @@ class ReversibleMode:
         else:
             vocab = weight.shape[0]
             input_ids = torch.arange(_HEAD_CHECK_TOKENS, device=weight.device).mul(7919).remainder(vocab)[None]
-            reason = head_mismatch(self.model, head, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+            batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+            reason = head_mismatch(self.model, head, batch)
         if reason is not None:
             warnings.warn(
                 f"bwsk reversible mode keeps {type(self.model).__name__}'s own loss: {reason}; only the layer "
