@@ -86,6 +86,14 @@ def test_apply_reversible_refuses_bad_input_before_any_work():
     assert "forward" not in model.__dict__
 
 
+def test_activation_checkpointing_argument_is_replaced_with_one_notice(tmp_path):
+    with pytest.warns(UserWarning, match="replaces activation_checkpointing=True") as caught:
+        args = BWSKTrainingArguments(output_dir=str(tmp_path), bwsk_mode="reversible", activation_checkpointing=True,
+                                     use_cpu=True, report_to=[])
+    assert len([w for w in caught if "replaces" in str(w.message)]) == 1
+    assert not args.activation_checkpointing and not args.gradient_checkpointing
+
+
 def test_checkpointing_already_on_is_replaced_with_one_notice():
     model = tiny_model("llama").train()
     enable_checkpointing(model, {"use_reentrant": False})

@@ -71,3 +71,28 @@ def test_sft_reversible_keeps_trl_loss_and_metrics_and_follows_sft(tmp_path, tok
     input_ids = torch.tensor([sft_dataset()[0]["input_ids"]])
     fused = trainer.model(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
     assert fused.log_probs is not None and trainer.model(input_ids=input_ids).logits is not None
+
+
+@pytest.mark.slow
+def test_sft_with_peft_config_reversible_follows_sft_and_saves_the_adapter(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    def run(mode):
+        args = BWSKSFTConfig(output_dir=str(tmp_path / mode), bwsk_mode=mode, max_steps=4,
+                             per_device_train_batch_size=2, logging_steps=1, learning_rate=1e-2, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, bwsk_analysis_seq_len=8, seed=0,
+                             max_length=16, gradient_checkpointing=False)
+        trainer = BWSKSFTTrainer(model=tiny_model("llama"), args=args, train_dataset=sft_dataset(),
+                                 processing_class=tokenizer,
+                                 peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        trainer.train()
+        trainer.save_model(str(tmp_path / mode / "saved"))
+        return trainer, [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+    _, expected = run("conventional")
+    trainer, losses = run("reversible")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    recomputed = trainer.reversible_mode.status()["plan"]["recomputed_ops"]
+    assert any("lora_B" in op for op in recomputed), recomputed
+    saved = sorted(path.name for path in (tmp_path / "reversible" / "saved").iterdir())
+    assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved, saved

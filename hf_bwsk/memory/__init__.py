@@ -23,6 +23,6 @@ from .plan import OpKey, RecomputePlan, plan_recompute
 
 __all__ = [
     "FirstStepMemory", "LiveStorageTracker", "MemoryMeasurement", "OpKey", "RecomputePlan", "ReversibleMode",
-    "apply_reversible", "base_causal_lm", "bytes_kept_for_backward", "count_train_flops", "fused_linear_cross_entropy", "head_grad_buffers",
-    "parse_byte_size", "plan_recompute", "require_causal_lm",
+    "apply_reversible", "base_causal_lm", "bytes_kept_for_backward", "count_train_flops",
+    "fused_linear_cross_entropy", "head_grad_buffers", "parse_byte_size", "plan_recompute", "require_causal_lm",
 ]
