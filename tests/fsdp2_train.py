@@ -7,7 +7,7 @@ the launch's FSDP settings (the FSDP_* environment that `accelerate launch` set 
 accelerate's own FSDP2 preparation, `fsdp2_prepare_model`: `fully_shard` on every decoder layer
 (TRANSFORMER_BASED_WRAP) and on the root, exactly the layout a GPU launch gets. Then it trains
 conventional, reversible, and reversible with the head sharded in a unit of its own (which the
-mode cannot use: it must fall back, not crash), with the same optimizer and batches and writes, from rank 0, the losses
+mode's fused loss cannot use: it keeps the model's own loss, not crash), with the same optimizer and batches and writes, from rank 0, the losses
 (averaged over ranks) and the full first-step gradients (gathered from the shards).
 """
 
@@ -49,8 +49,6 @@ def train(accelerator, mode: str, arch: str, steps: int) -> dict:
     losses, gradients = [], None
     for step in range(steps):
         batch = tiny_batch(2, 16, seed=rank)  # the same batch every step: the loss must fall
-        if reversible is not None and step == 0:
-            reversible.setup(batch)
         loss = model(**batch).loss
         loss.backward()
         if gradients is None:  # full_tensor() is a collective: every rank gathers

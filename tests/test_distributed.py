@@ -67,9 +67,10 @@ def test_reversible_under_fsdp2_with_the_fsdp_config(tmp_path):
     for mode in ("conventional", "reversible"):
         assert (results[mode]["sharded"], results[mode]["layer_sharded"]) == ("FSDPGPTNeoXForCausalLM", "FSDPGPTNeoXLayer")
     assert_same_training(results)
-    # A head sharded in a unit of its own: refused by the support check, so HF checkpointing trains it.
+    # A head sharded in a unit of its own: the fused loss cannot read it, so the model's own loss trains it
+    # (under the layer policy).
     own_head = results["reversible_own_head_unit"]
-    assert own_head["status"]["status"] == "fallback" and "sharded" in own_head["status"]["reason"]
+    assert own_head["status"]["loss"] == "model" and "sharded" in own_head["status"]["loss_reason"]
     assert_tensors_close(torch.tensor(own_head["losses"]), torch.tensor(results["conventional"]["losses"]),
                          rtol=1e-5, atol=1e-6, name="fallback losses")
 

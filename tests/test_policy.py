@@ -1,6 +1,7 @@
 """Plan fidelity: the run-time policy applies the plan it was given, counts what it could not, and says so."""
 
 import dataclasses
+import types
 import warnings
 
 import pytest
@@ -110,9 +111,10 @@ def test_a_layer_without_its_index_warns_that_every_op_misses():
     layers_path, layers = find_decoder_layers(model)
     tracker = LayerPathTracker(layers)
     plan = plan_recompute([], [0, 0])
-    policy = SelectivePolicy(plan, tracker)
+    policy = SelectivePolicy(plan, tracker).layer_policy()
+    forward = types.SimpleNamespace(is_recompute=False)
     with pytest.warns(UserWarning, match="no layer index"):
-        policy()  # a checkpoint starting while no layer's pre-hook has run
+        policy(forward, torch.ops.aten.mm.default)  # an op run while no layer's pre-hook has run
     tracker.remove()
 
 

@@ -12,6 +12,7 @@ from hf_bwsk.analysis import find_decoder_layers
 from hf_bwsk.analysis.records import OpRecord
 from hf_bwsk.errors import BWSKError
 from hf_bwsk.memory import ReversibleMode, bytes_kept_for_backward
+from hf_bwsk.memory.checkpointing import checkpointing_enabled
 from hf_bwsk.memory.plan import OpKey, plan_recompute
 
 # Mamba's reference scan runs one op group per token on CPU: its cases take ~8 s each.
@@ -119,10 +120,10 @@ def test_teardown_leaves_the_model_as_it_was():
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     keys_before = list(model.state_dict())
     mode = reversible(model, tiny_batch(2, 16))
-    assert model.is_activation_checkpointing
+    assert checkpointing_enabled(model)
     mode.teardown()
     assert "forward" not in model.__dict__
-    assert not model.is_activation_checkpointing
+    assert not checkpointing_enabled(model)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
     assert list(model.state_dict()) == keys_before
 
@@ -151,8 +152,9 @@ def test_budget_below_minimum_fails_before_training():
         reversible(model, tiny_batch(2, 32), memory_budget_bytes=1000)  # layer inputs: 2 x (2*32*32*4)
 
 
-def test_unsupported_model_falls_back_with_one_warning_and_exact_gradients():
-    # Cohere scales its logits: the fused loss on the plain head would be wrong, so the mode must not use it.
+def test_logit_scaling_model_keeps_its_own_loss_with_one_warning_and_exact_gradients():
+    # Cohere scales its logits: the fused loss on the plain head would be wrong, so the mode keeps the
+    # model's loss (decided at construction, without a batch) and applies only the layer policy.
     config = CohereConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, intermediate_size=64, logit_scale=0.5)
     torch.manual_seed(0)
@@ -162,12 +164,14 @@ def test_unsupported_model_falls_back_with_one_warning_and_exact_gradients():
     batch = tiny_batch(2, 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mode = reversible(model, batch)
-    fallback_warnings = [w for w in caught if "Falling back" in str(w.message)]
-    assert len(fallback_warnings) == 1, [str(w.message) for w in caught]
+        mode = ReversibleMode(model, loss_chunk_size=24)
+    own_loss_warnings = [w for w in caught if "own loss" in str(w.message)]
+    assert len(own_loss_warnings) == 1, [str(w.message) for w in caught]
+    mode.install_forward()
+    mode.setup(batch)
     status = mode.status()
-    assert status["status"] == "fallback" and "logit" in status["reason"]
-    assert model.is_activation_checkpointing
+    assert status["status"] == "active" and status["loss"] == "model" and "logit" in status["loss_reason"]
+    assert checkpointing_enabled(model)
     model(**batch).loss.backward()
     conventional(**batch).loss.backward()
     assert_grads_close(model, conventional, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_bwsk.errors import BWSKError
 from hf_bwsk.layout import ANALYSIS_HTML, CALM_REPORT, SK_REPORT
+from hf_bwsk.memory.checkpointing import checkpointing_enabled
 from hf_bwsk.training.args import BWSK_MODES, BWSKTrainingArguments, parse_byte_size
 from hf_bwsk.training.trainer import BWSKTrainer
 
@@ -69,7 +70,7 @@ def test_reversible_training_follows_conventional_for_20_steps(tmp_path, arch):
                  if torch.equal(param, untrained.get_parameter(name))]
     assert not unchanged, f"parameters left untouched by training: {unchanged}"
     # The model is handed back unpatched and without checkpointing.
-    assert "forward" not in trainer.model.__dict__ and not trainer.model.is_activation_checkpointing
+    assert "forward" not in trainer.model.__dict__ and not checkpointing_enabled(trainer.model)
 
 
 def test_arguments_are_flags_and_validated(tmp_path):

@@ -17,7 +17,7 @@ from transformers import PretrainedConfig, TrainerCallback
 
 from ..layout import TRAINING_RESULTS, variant_name, write_json
 from ..training.args import BWSKTrainingArguments
-from ..training.callback import perplexity
+from ..training.callback import BWSKCallback, perplexity
 from ..training.trainer import BWSKTrainer
 from .run_dir import RunDirectory
 
@@ -108,7 +108,8 @@ def train_variant(grid: Grid, experiment: str, mode: str) -> dict:
     trainer = BWSKTrainer(
         model=model, args=args, train_dataset=grid.blocks["train"], eval_dataset=grid.blocks["validation"],
         processing_class=grid.tokenizer, data_collator=default_data_collator,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=grid.early_stopping_patience), LogBeforeCheckpoint(),
+        callbacks=[BWSKCallback(), EarlyStoppingCallback(early_stopping_patience=grid.early_stopping_patience),
+                   LogBeforeCheckpoint(),
                    *grid.callbacks],
     )
     trainer.train(resume_from_checkpoint=resume_from)

@@ -4,11 +4,13 @@
 * `policy.py`: the selective-checkpoint policy that applies it at run time;
 * `loss.py`: the fused linear cross-entropy that never holds the logits;
 * `support.py`, `layer_trace.py`, `apply.py`: the support probe, the first-batch trace, and
-  `ReversibleMode`, which installs and removes both on a model;
+  `ReversibleMode` / `apply_reversible`, which install and remove both on a model
+  (`checkpointing.py`: HF's checkpointing switch under either name; `budget.py`: byte sizes);
 * `measure.py`: deterministic bytes-kept and FLOP counts.
 """
 
-from .apply import ReversibleMode
+from .apply import ReversibleMode, apply_reversible, base_causal_lm, require_causal_lm
+from .budget import parse_byte_size
 from .loss import fused_linear_cross_entropy, head_grad_buffers
 from .measure import (
     FirstStepMemory,
@@ -21,6 +23,6 @@ from .plan import OpKey, RecomputePlan, plan_recompute
 
 __all__ = [
     "FirstStepMemory", "LiveStorageTracker", "MemoryMeasurement", "OpKey", "RecomputePlan", "ReversibleMode",
-    "bytes_kept_for_backward", "count_train_flops", "fused_linear_cross_entropy", "head_grad_buffers",
-    "plan_recompute",
+    "apply_reversible", "base_causal_lm", "bytes_kept_for_backward", "count_train_flops",
+    "fused_linear_cross_entropy", "head_grad_buffers", "parse_byte_size", "plan_recompute", "require_causal_lm",
 ]

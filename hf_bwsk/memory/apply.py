@@ -1,24 +1,30 @@
-"""The reversible training mode: analysis-driven selective recomputation plus a fused loss.
+"""The reversible mode on a model: the layer policy and the fused loss, installed and removed.
 
-Two mechanisms, both torch's or transformers' own:
+Two pieces, each usable alone:
 
-* Every decoder layer is checkpointed by HF's activation checkpointing (the layers are
-  `GradientCheckpointingLayer`s) with non-reentrant `torch.utils.checkpoint` and a `context_fn`
-  from `create_selective_checkpoint_contexts`. Its policy keeps or recomputes each op as the
-  `RecomputePlan` says (`plan.py`, applied by `policy.py`), the plan being derived from the S/K analysis' records
-  of the first training batch: the analysis tracer runs once on that batch, where the training
-  runs and under its autocast, so the plan's keys, kinds, widths and bytes are the trained ones.
-* The causal-LM loss comes from `fused_linear_cross_entropy` on `model.base_model(...)`'s last
-  hidden state and `model.get_output_embeddings()`, so the [tokens x vocab] logits never exist.
-  This is done by giving the model *instance* a `forward` that dispatches: in training with labels
-  it runs the fused path, otherwise the class' own forward. Patching the instance (not calling the
-  base model from the trainer) keeps the call going through DDP's wrapper and accelerate's
-  autocast wrapper, which wrap `model.forward` when the model is prepared.
+* the **layer policy**: every decoder layer is checkpointed by HF's activation checkpointing (the
+  layers are `GradientCheckpointingLayer`s) with non-reentrant `torch.utils.checkpoint` and a
+  `context_fn` from `create_selective_checkpoint_contexts`. Its policy keeps or recomputes each op as
+  the `RecomputePlan` says (`plan.py`, applied by `policy.py`), the plan being derived from the S/K
+  analysis' records of the first training batch: the tracer runs once on that batch, inside the
+  training forward and so under its autocast, so the plan's keys, kinds, widths and bytes are the
+  trained ones.
+* the **fused loss** (`loss="fused"`): the causal-LM loss comes from `fused_linear_cross_entropy` on
+  `model.base_model(...)`'s last hidden state and `model.get_output_embeddings()`, so the
+  [tokens x vocab] logits never exist. With `loss="model"` the model's own forward (or one a trainer
+  patched in, as TRL's chunked head) computes the loss and only the layer policy applies.
 
-Models the mode cannot support (no decoder-layer list, layers that are not
-`GradientCheckpointingLayer`s, logits that are not a plain linear map of the last hidden state, a
-loss other than HF's causal-LM cross-entropy) fall back to HF activation checkpointing with one
-warning; `status()` then says `fallback` and why.
+Both are reached through the model *instance*'s `forward`, which dispatches: the first training
+forward plans and switches checkpointing on; a training forward with labels then runs the fused path,
+anything else the forward that was there before. Patching the instance keeps the call going through
+DDP's and accelerate's wrappers, which wrap `model.forward` when the model is prepared. A PEFT model
+is handled through its base model (`get_base_model()`: PEFT injects its layers in place, so the LoRA
+matmuls are traced, planned and trained like the rest), so the `PeftModel` itself stays untouched.
+
+What can be decided without a batch is decided at construction: a model with no checkpointable
+decoder-layer list is refused with a `BWSKError`; a model whose logits are not a plain linear map of
+the last hidden state (logit scaling, soft-capping) or whose loss is not HF's causal-LM loss keeps its
+own loss with one warning, and the layer policy still applies.
 """
 
 from __future__ import annotations
@@ -28,30 +34,60 @@ import warnings
 from typing import Any, Callable
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutput
 
+from ..analysis import find_decoder_layers
 from ..errors import BWSKError
+from .budget import parse_byte_size
+from .checkpointing import (
+    checkpointing_enabled,
+    disable_checkpointing,
+    enable_checkpointing,
+)
 from .layer_trace import trace_layers
 from .loss import fused_linear_cross_entropy
 from .plan import RecomputePlan, plan_recompute
 from .policy import LayerPathTracker, SelectivePolicy
-from .support import LOSS_ONLY_INPUTS, inside_forward, unsupported_reason
+from .support import LOSS_ONLY_INPUTS, head_mismatch, is_shard
+
+LOSSES = ("fused", "model")
+# Tokens of the synthetic batch that checks the output head at construction.
+_HEAD_CHECK_TOKENS = 16
+
+
+def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (its `get_base_model()`), else ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def require_causal_lm(model: torch.nn.Module, find_layers: Callable = find_decoder_layers) -> tuple[str, Any]:
+    """The decoder layers of ``model`` (PEFT-unwrapped) and their path, or a `BWSKError` naming the fix."""
+    model = base_causal_lm(model)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if get_head is None or get_head() is None:
+        raise BWSKError(
+            f"{type(model).__name__} has no output head: the bwsk modes need a causal LM (AutoModelForCausalLM)"
+        )
+    return find_layers(model)
 
 
 class ReversibleMode:
-    """Applies the reversible mode to a causal LM for the duration of a training run.
+    """The reversible mode on one model, from `install_forward()` to `teardown()` (alias `remove()`).
 
-    Usage (what `BWSKTrainer` does)::
+    Usage (what `apply_reversible` and `BWSKMixin` do)::
 
-        mode = ReversibleMode(model, find_layers=find_decoder_layers)
+        mode = ReversibleMode(model)    # checks support; raises BWSKError before any work
         mode.install_forward()          # before accelerate wraps model.forward
-        mode.setup(first_batch)         # on the first training step
-        ...train...
-        mode.teardown()                 # restores the model
+        ...train...                     # the first training forward plans (or call mode.setup(batch))
+        mode.remove()                   # restores the model
 
     Args:
-        model: the (unwrapped) causal-LM `PreTrainedModel`.
-        find_layers: `model -> (path, ModuleList)` of the decoder layers (`find_decoder_layers`).
+        model: a causal-LM `PreTrainedModel`, or a PEFT model around one.
+        find_layers: `model -> (path, ModuleList)` of the decoder layers.
+        loss: `"fused"` (fused linear cross-entropy) or `"model"` (the model's own loss; layer policy only).
+        layer_policy: False: no selective recompute, the fused loss alone.
         loss_chunk_size: tokens per chunk of the fused loss.
         memory_budget_bytes: optional byte budget for what the layers keep (see `plan_recompute`).
     """
@@ -60,43 +96,98 @@ class ReversibleMode:
         self,
         model: torch.nn.Module,
         *,
-        find_layers: Callable[[torch.nn.Module], tuple[str, torch.nn.ModuleList]],
+        find_layers: Callable[[torch.nn.Module], tuple[str, torch.nn.ModuleList]] = find_decoder_layers,
+        loss: str = "fused",
+        layer_policy: bool = True,
         loss_chunk_size: int = 1024,
         memory_budget_bytes: int | None = None,
     ):
-        self.model = model
+        if loss not in LOSSES:
+            raise BWSKError(f"unknown loss {loss!r} for the reversible mode: choose one of {', '.join(LOSSES)}")
+        if loss_chunk_size < 1:
+            raise BWSKError(f"loss_chunk_size must be >= 1, got {loss_chunk_size}")
+        if not layer_policy and loss == "model":
+            raise BWSKError("layer_policy=False with loss='model' leaves nothing to apply: keep one of the two")
+        if not layer_policy and memory_budget_bytes is not None:
+            raise BWSKError("a memory budget needs the layer policy: drop memory_budget or set layer_policy=True")
+        self.model = base_causal_lm(model)
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            raise BWSKError(
+                f"{type(self.model).__name__} supports no activation checkpointing, which the reversible mode "
+                "builds on: train it with bwsk_mode='conventional' or 'analyzed'"
+            )
         self.find_layers = find_layers
+        self.layers_path, self.layers = require_causal_lm(self.model, find_layers)
+        if not all(isinstance(layer, GradientCheckpointingLayer) for layer in self.layers):
+            raise BWSKError(
+                f"the layers under {type(self.model).__name__}.{self.layers_path} are not transformers "
+                "GradientCheckpointingLayers, which the reversible mode checkpoints: train this model with "
+                "bwsk_mode='conventional' or 'analyzed'"
+            )
         self.loss_chunk_size = loss_chunk_size
         self.memory_budget_bytes = memory_budget_bytes
+        self.layer_policy = layer_policy
+        self.loss, self.loss_reason = loss, None if loss == "fused" else "asked for the model's own loss"
+        if loss == "fused":
+            self._check_head()
         self.plan: RecomputePlan | None = None
         self.policy: SelectivePolicy | None = None
         self._status: dict[str, Any] = {"status": "pending", "reason": None}
-        self._fused_loss = False
+        self._pending = False
         self._tracker: LayerPathTracker | None = None
         self._previous_forward = None
         self._patched_forward = None
         self._had_input_grad_hooks = False
         self._checkpointing = False
+        self._active = False
 
     def status(self) -> dict[str, Any]:
-        """`{"status": "pending"|"active"|"fallback", "reason", ...}` for results files."""
+        """`{"status": "pending"|"active", "reason", "loss", "plan", ...}` for results files."""
         return dict(self._status)
 
-    # --- the fused-loss forward -------------------------------------------------------------
+    def _check_head(self) -> None:
+        """Keep the model's own loss (one warning) when the fused loss would not equal it."""
+        head = self.model.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        if weight is None or weight.dim() != 2:
+            reason = "the output embeddings are not a linear head with a [vocab, hidden] weight"
+        else:
+            vocab = weight.shape[0]
+            input_ids = torch.arange(_HEAD_CHECK_TOKENS, device=weight.device).mul(7919).remainder(vocab)[None]
+            batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+            reason = head_mismatch(self.model, head, batch)
+        if reason is not None:
+            self._keep_model_loss(reason)
+
+    def _keep_model_loss(self, reason: str) -> None:
+        warnings.warn(
+            f"bwsk reversible mode keeps {type(self.model).__name__}'s own loss: {reason}; only the layer "
+            "policy applies (no fused loss).",
+            UserWarning,
+            stacklevel=4,
+        )
+        self.loss, self.loss_reason = "model", reason
+
+    # --- the dispatching forward ---------------------------------------------------------------
 
     def install_forward(self) -> None:
-        """Give the model instance the dispatching forward (inactive until `setup` succeeds)."""
+        """Give the model instance the dispatching forward; the first training forward then plans."""
+        if self._patched_forward is not None:
+            raise BWSKError("the reversible mode is already installed on this model: call remove() first")
         model = self.model
-        class_forward = type(model).forward
         self._previous_forward = model.__dict__.get("forward")
+        previous = model.forward  # the class forward, or one a trainer patched in (TRL's fused head)
         mode = self
+        self._pending = True
 
         # `wraps` keeps the class forward's signature visible: Trainer reads it to pick the batch columns.
-        @functools.wraps(class_forward)
+        @functools.wraps(type(model).forward)
         def forward(self_model, *args, labels=None, **kwargs):
-            if not (mode._fused_loss and self_model.training and labels is not None):
-                return class_forward(self_model, *args, labels=labels, **kwargs)
-            return mode._fused_forward(self_model, args, labels, kwargs)
+            if mode._pending and self_model.training:
+                mode._setup_eagerly(_batch_of(args, labels, kwargs))
+            if mode.loss == "fused" and mode._active and self_model.training and labels is not None:
+                return mode._fused_forward(self_model, args, labels, kwargs)
+            return previous(*args, labels=labels, **kwargs)
 
         self._patched_forward = forward.__get__(model)
         model.forward = self._patched_forward
@@ -119,85 +210,83 @@ class ReversibleMode:
         )
         return CausalLMOutput(loss=loss)
 
-    # --- setup ---------------------------------------------------------------------------------
+    # --- planning ------------------------------------------------------------------------------
+
+    @torch.compiler.disable
+    def _setup_eagerly(self, batch: dict[str, Any]) -> None:
+        """`setup` from inside a forward that `torch.compile` may be tracing: the planning runs eagerly."""
+        self.setup(batch)
 
     def setup(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Check support, analyze the forward on `batch`, plan, and switch checkpointing on.
+        """Analyze the forward on `batch`, plan, and switch checkpointing on with the layer policy.
 
-        Run it under the autocast the training uses, so the traced ops are the trained ones. Raises
+        Run it under the autocast the training uses (the dispatching forward does). Raises
         `BWSKError` for a memory budget below the minimum, before any step runs.
         """
-        model = self.model
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise BWSKError(
-                f"{type(model).__name__} supports no activation checkpointing, which the reversible mode "
-                "builds on: train it with bwsk_mode='conventional' or 'analyzed'"
-            )
-        if model.is_activation_checkpointing:
-            raise BWSKError(
-                "activation checkpointing is already on for this model; the reversible mode manages it: "
-                "call model.activation_checkpointing_disable() first"
-            )
-        self._had_input_grad_hooks = bool(getattr(model, "_require_grads_hooks", None))
-        # Inside the model's own call: FSDP2 gathers the root's parameters there.
-        reason = inside_forward(model, lambda: unsupported_reason(model, self.find_layers, batch))
-        if reason is not None:
-            return self._fall_back(reason)
-        layers_path, layers = self.find_layers(model)
-        trace = inside_forward(model, lambda: trace_layers(model, layers_path, layers, batch))
-        plan = plan_recompute(
-            trace.records, trace.layer_input_bytes, self.memory_budget_bytes,
-            batch_size=trace.batch_size, hidden_size=trace.hidden_size,
-        )
-        self.plan = plan
-        self._tracker = LayerPathTracker(layers)
-        self.policy = SelectivePolicy(plan, self._tracker)
-        self._enable_checkpointing({"use_reentrant": False, "context_fn": self.policy})
-        self._fused_loss = True
+        self._pending = False
+        if self.loss == "fused" and is_shard(self.model.get_output_embeddings().weight):
+            self._keep_model_loss("the output head is sharded in an FSDP unit of its own, so its whole weight is "
+                                  "never at hand in the model's forward: wrap it with the root module instead")
+        fused = self.loss == "fused"
+        plan = self._install_layer_policy(batch) if self.layer_policy else None
+        self._active = True
         self._status = {
             "status": "active",
             "reason": None,
-            "decoder_layers": layers_path,
-            "num_layers": len(layers),
-            "loss": "fused_linear_cross_entropy",
-            "loss_chunk_size": self.loss_chunk_size,
-            "plan": plan.summary(),
+            "decoder_layers": self.layers_path,
+            "num_layers": len(self.layers),
+            "loss": "fused_linear_cross_entropy" if fused else "model",
+            "loss_reason": self.loss_reason,
+            "loss_chunk_size": self.loss_chunk_size if fused else None,
+            "plan": None if plan is None else plan.summary(),
             # Live: the policy counts as training runs, so results files written at the end hold the totals.
-            "plan_fidelity": self.policy.fidelity,
+            "plan_fidelity": None if self.policy is None else self.policy.fidelity,
         }
         return self.status()
 
-    def _enable_checkpointing(self, checkpoint_kwargs: dict[str, Any]) -> None:
-        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
-        self._checkpointing = True
-
-    def _fall_back(self, reason: str) -> dict[str, Any]:
-        warnings.warn(
-            f"bwsk reversible mode is not supported for {type(self.model).__name__}: {reason}. Falling back to "
-            "HF activation checkpointing of every layer (no fused loss).",
-            UserWarning,
-            stacklevel=3,
+    def _install_layer_policy(self, batch: dict[str, Any]) -> RecomputePlan:
+        model = self.model
+        if checkpointing_enabled(model):
+            # TRL (and users) switch HF checkpointing on by default: the layer policy replaces it.
+            warnings.warn(
+                "bwsk reversible mode replaces the activation checkpointing already on for "
+                f"{type(model).__name__} by its layer policy",
+                UserWarning,
+                stacklevel=3,
+            )
+            disable_checkpointing(model)
+        self._had_input_grad_hooks = bool(getattr(model, "_require_grads_hooks", None))
+        trace = trace_layers(model, self.layers_path, self.layers, batch)
+        # Inside the training forward, autocast caches the trace's weight casts; the layers' forward would
+        # then skip casts that their recompute in backward performs, and selective checkpointing's op
+        # counts would disagree. Start the forward with an empty cache, as it would without us.
+        torch.clear_autocast_cache()
+        self.plan = plan_recompute(
+            trace.records, trace.layer_input_bytes, self.memory_budget_bytes,
+            batch_size=trace.batch_size, hidden_size=trace.hidden_size,
         )
-        self._enable_checkpointing({"use_reentrant": False})
-        self._status = {"status": "fallback", "reason": reason, "loss": "model"}
-        return self.status()
+        self._tracker = LayerPathTracker(self.layers)
+        self.policy = SelectivePolicy(self.plan, self._tracker)
+        enable_checkpointing(model, {"use_reentrant": False, "context_fn": self.policy})
+        self._checkpointing = True
+        return self.plan
 
     # --- teardown ------------------------------------------------------------------------------
 
     def teardown(self) -> None:
         """Undo everything: checkpointing, hooks, the forward patch (see below)."""
-        self._fused_loss = False
+        self._pending = self._active = False
         if self._tracker is not None:
             self._tracker.remove()
             self._tracker = None
         if self._checkpointing:
-            self.model.activation_checkpointing_disable()
+            disable_checkpointing(self.model)
             # HF's enable also hooks the input embeddings to require grads; drop that unless it predates us.
             if not self._had_input_grad_hooks:
                 self.model.disable_input_require_grads()
             self._checkpointing = False
-        # When accelerate wrapped our forward (mixed precision), its wrapper stays: with the fused
-        # path off, ours only calls the class forward, exactly what accelerate's wrapper would wrap.
+        # When accelerate wrapped our forward (mixed precision), its wrapper stays: with the mode off,
+        # ours only calls the previous forward, exactly what accelerate's wrapper would wrap.
         if self._patched_forward is not None and self.model.__dict__.get("forward") is self._patched_forward:
             if self._previous_forward is None:
                 del self.model.forward
@@ -205,3 +294,59 @@ class ReversibleMode:
                 self.model.forward = self._previous_forward
         self._patched_forward = None
 
+    remove = teardown
+
+    def __enter__(self) -> ReversibleMode:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.teardown()
+
+
+def _batch_of(args: tuple, labels, kwargs: dict) -> dict[str, Any]:
+    """The tensors of one forward call as a batch dict (`input_ids` may come positionally)."""
+    batch = {key: value for key, value in kwargs.items() if torch.is_tensor(value)}
+    if args and torch.is_tensor(args[0]):
+        batch["input_ids"] = args[0]
+    if labels is not None:
+        batch["labels"] = labels
+    if "input_ids" not in batch:
+        raise BWSKError("the reversible mode plans on a training batch with input_ids: pass input_ids=...")
+    return batch
+
+
+def apply_reversible(
+    model: torch.nn.Module,
+    *,
+    loss: str = "fused",
+    layer_policy: bool = True,
+    memory_budget: int | str | None = None,
+    loss_chunk_size: int = 1024,
+) -> ReversibleMode:
+    """Put ``model`` in the reversible mode; returns the handle, whose `remove()` undoes it.
+
+    The first training forward (``model.train()``, a batch with ``input_ids``) traces the layers and
+    plans what to keep; later forwards train under that plan. Works on a bare causal LM or a PEFT
+    model, inside any training loop or `Trainer`.
+
+    Args:
+        model: the causal LM (or PEFT model) to train.
+        loss: ``"fused"``: the causal-LM loss by fused linear cross-entropy (no logits held);
+            ``"model"``: the model's own loss (use it when a trainer computes the loss itself, as TRL's).
+        layer_policy: ``False``: no selective recompute in the layers, the fused loss alone.
+        memory_budget: bytes the decoder layers may keep per micro-batch, e.g. ``"800MB"``; None: the
+            analysis' default plan.
+        loss_chunk_size: tokens per chunk of the fused loss.
+
+    Example::
+
+        handle = hf_bwsk.apply_reversible(model, memory_budget="2GiB")
+        for batch in loader:
+            model(**batch).loss.backward(); optimizer.step(); optimizer.zero_grad()
+        handle.remove()
+    """
+    budget = None if memory_budget is None else parse_byte_size(memory_budget)
+    mode = ReversibleMode(model, loss=loss, layer_policy=layer_policy, loss_chunk_size=loss_chunk_size,
+                          memory_budget_bytes=budget)
+    mode.install_forward()
+    return mode

@@ -76,16 +76,17 @@ class LayerPathTracker:
 class SelectivePolicy:
     """`context_fn` for `torch.utils.checkpoint`: one selective-checkpoint context per layer call.
 
-    The layer index is read when the checkpoint starts (the layer's pre-hook ran just before); the
-    module path of each op comes from the tracker's hooks. Occurrences are counted separately for
+    The layer index and the module path of each op come from the tracker's hooks, read per op:
+    transformers 5.23 checkpoints a layer's `forward` (its hooks have run when the checkpoint
+    starts), 5.17 its `__call__` (the hooks run inside the checkpoint). Occurrences are counted separately for
     the forward and the recompute, so torch versions that ask the policy again while recomputing
     get the same answers.
 
     Plan fidelity: every forward decision is counted in ``fidelity`` (a live dict, shown in the
     mode's status): ``plan_hits`` (the plan held the op's key), ``plan_misses`` (an op that is not
     known cheap and whose key the plan lacks: decided by `RecomputePlan.keeps`' rule) and
-    ``cheap_by_rule`` (known cheap ops outside the plan, recomputed). The first miss, and a layer
-    call with no layer index, warn once. ``decisions``, when set to a dict, records every forward
+    ``cheap_by_rule`` (known cheap ops outside the plan, recomputed). The first miss, and an op run
+    with no layer index, warn once. ``decisions``, when set to a dict, records every forward
     decision by key (for tests; off by default as it grows with every step).
     """
 
@@ -121,19 +122,18 @@ class SelectivePolicy:
             warnings.warn(message, UserWarning, stacklevel=2)
 
     def __call__(self):
-        layer = self.tracker.layer
-        if layer is None:
-            self._warn_once("layer", "bwsk reversible mode: a checkpointed layer started with no layer index (the "
-                            "decoder-layer hooks did not run), so every op misses the recompute plan")
-        return create_selective_checkpoint_contexts(self.layer_policy(layer))
+        return create_selective_checkpoint_contexts(self.layer_policy())
 
-    def layer_policy(self, layer: int | None):
+    def layer_policy(self):
         """The per-op policy function of one layer call (torch's `policy_fn(ctx, func, *args, **kwargs)`)."""
         counts: dict[bool, dict] = {False: {}, True: {}}
 
         def policy(ctx, func, *args, **kwargs):
             name, expensive = self._op(func)
-            path = self.tracker.path
+            layer, path = self.tracker.layer, self.tracker.path
+            if layer is None:
+                self._warn_once("layer", "bwsk reversible mode: a checkpointed op ran with no layer index (the "
+                                "decoder-layer hooks did not run), so every op misses the recompute plan")
             seen, group = counts[ctx.is_recompute], (path, name)
             occurrence = seen.get(group, 0)
             seen[group] = occurrence + 1

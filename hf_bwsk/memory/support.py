@@ -1,20 +1,15 @@
-"""Whether the reversible mode can run on a model: the support probe, done before any step.
+"""Whether the fused loss equals the model's own: the head probe, done before any step.
 
 The fused loss replaces the model's own logits and loss, so it is used only when they are exactly a
-plain linear head over the last hidden state and HF's causal-LM cross-entropy; the layer policy
-needs transformers' checkpointable decoder layers. Anything else is reported as a reason, and the
-caller falls back to HF activation checkpointing.
+plain linear head over the last hidden state and HF's causal-LM cross-entropy. A mismatch is
+reported as a reason, and the caller keeps the model's own loss.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 import torch.nn.functional as F
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..errors import BWSKError
 from ..rng import forked_rng
 from .loss import fused_linear_cross_entropy
 
@@ -53,47 +48,7 @@ def _offload_disabled(offload) -> bool:
     return getattr(offload, "offload_params", None) is False or type(offload).__name__ == "OffloadPolicy"
 
 
-def inside_forward(model, work: Callable[[], Any]) -> Any:
-    """``work()``, run inside a call of ``model`` itself, and its result.
-
-    Wrappers that shard parameters act in the root module's forward hooks: under FSDP2 the
-    parameters are DTensors outside ``model(...)`` and gathered inside it. Work that reads weights
-    or runs submodules by hand (the head check, the first-batch trace) therefore runs as the body of
-    a ``model()`` call; the instance's own ``forward`` (ours or accelerate's wrapper) is restored after.
-    """
-    previous = model.__dict__.get("forward")
-    results = []
-
-    def forward(*args, **kwargs):
-        results.append(work())
-
-    model.forward = forward
-    try:
-        model()
-    finally:
-        if previous is None:
-            del model.forward
-        else:
-            model.forward = previous
-    return results[0]
-
-
-def unsupported_reason(model, find_layers: Callable, batch: dict) -> str | None:
-    """Why the reversible mode cannot run on ``model``, or None. Call it through `inside_forward`."""
-    try:
-        layers_path, layers = find_layers(model)
-    except BWSKError as error:
-        return f"no decoder-layer list found ({error})"
-    if not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
-        return f"the layers under {layers_path} are not transformers GradientCheckpointingLayers"
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if weight is None or weight.dim() != 2:
-        return "the output embeddings are not a linear head with a [vocab, hidden] weight"
-    return head_mismatch(model, head, batch)
-
-
-def _sharded(tensor) -> bool:
+def is_shard(tensor) -> bool:
     """A DTensor shard (FSDP2) rather than the full tensor the fused loss needs."""
     return hasattr(tensor, "full_tensor")
 
@@ -115,9 +70,6 @@ def head_mismatch(model, head, batch: dict) -> str | None:
         with torch.no_grad(), forked_rng(labels.device), torch.autocast(labels.device.type, enabled=False):
             output = type(model).forward(model, **inputs, labels=labels, use_cache=False)
             hidden_states = model.base_model(**inputs, use_cache=False)[0]
-            if _sharded(head.weight):
-                return ("the output head's weight is still sharded after the base model ran (FSDP2 with the head in "
-                        "a unit of its own): shard it with the final norm or the root, as accelerate's FSDP2 does")
             logits = F.linear(hidden_states, head.weight, getattr(head, "bias", None))
             loss = fused_linear_cross_entropy(hidden_states, head.weight, labels, bias=getattr(head, "bias", None))
     finally:

@@ -3,37 +3,15 @@
 Every field carries `metadata={"help": ...}`, so `HfArgumentParser` exposes it as a `--flag`.
 """
 
-import re
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from ..errors import BWSKError
+from ..memory.budget import parse_byte_size
 
 BWSK_MODES = ("conventional", "analyzed", "reversible")
-
-_BYTE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
-def parse_byte_size(value: int | str) -> int:
-    """`1048576`, `"512MB"`, `"1.5 GiB"` -> a byte count (decimal units are powers of 10, `*iB` of 2)."""
-    if isinstance(value, int):
-        size = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        unit = match.group(2).lower() if match else None
-        if unit not in _BYTE_UNITS:
-            raise BWSKError(
-                f"cannot read {value!r} as a byte size: write a number with an optional unit, e.g. 800MB or 2GiB"
-            )
-        size = int(float(match.group(1)) * _BYTE_UNITS[unit])
-    if size <= 0:
-        raise BWSKError(f"a byte size must be positive, got {value!r}: pass e.g. 800MB")
-    return size
 
 
 @dataclass
@@ -95,10 +73,19 @@ class BWSKTrainingArguments(TrainingArguments):
             if self.bwsk_mode != "reversible":
                 raise BWSKError("bwsk_memory_budget only applies to bwsk_mode='reversible': set the mode or drop it")
             parse_byte_size(self.bwsk_memory_budget)
-        if self.bwsk_mode == "reversible" and self.activation_checkpointing:
-            raise BWSKError(
-                "bwsk_mode='reversible' manages activation checkpointing itself: drop activation_checkpointing"
+        # transformers 5.17 knows only the older name, gradient_checkpointing.
+        checkpointing = getattr(self, "activation_checkpointing", None) or self.gradient_checkpointing
+        if self.bwsk_mode == "reversible" and checkpointing:
+            # TRL's SFTConfig turns checkpointing on by default: our layer policy replaces it, it does not fail.
+            warnings.warn(
+                "bwsk_mode='reversible' replaces activation_checkpointing=True by its own layer policy "
+                "(set activation_checkpointing=False to silence this)",
+                UserWarning,
+                stacklevel=3,
             )
+            self.gradient_checkpointing = False
+            if hasattr(self, "activation_checkpointing"):
+                self.activation_checkpointing = False
 
     @property
     def bwsk_memory_budget_bytes(self) -> int | None:
