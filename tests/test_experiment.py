@@ -113,7 +113,7 @@ def test_foreign_output_dir_is_refused_unless_overwriting(tmp_path):
     run_dir.check(IDENTITY, resume=False, overwrite=True)
     run_dir.prepare(IDENTITY, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine", "overwriting must keep files the runner did not write"
-    assert json.loads((tmp_path / MARKER).read_text()) == IDENTITY
+    assert json.loads((tmp_path / MARKER).read_text()) == {"identity": IDENTITY, "written": []}
 
 
 def test_earlier_run_needs_resume_or_overwrite(tmp_path):
@@ -121,10 +121,11 @@ def test_earlier_run_needs_resume_or_overwrite(tmp_path):
     run_dir.prepare(IDENTITY, overwrite=False)
     (tmp_path / VARIANTS[0]).mkdir()
     (tmp_path / VARIANTS[0] / "training_results.json").write_text("{}")
+    run_dir.record([tmp_path / VARIANTS[0] / "training_results.json"])
     (tmp_path / f".{VARIANTS[1]}.partial").mkdir()
     with pytest.raises(BWSKError, match="holds an earlier run; pass --resume to continue it or --overwrite_output_dir"):
         run_dir.check(IDENTITY, resume=False, overwrite=False)
-    with pytest.raises(BWSKError, match="resume with the same settings"):
+    with pytest.raises(BWSKError, match=r"--resume with other settings .*: seed 42 \(run\) vs 1 \(now\)"):
         run_dir.check({**IDENTITY, "seed": 1}, resume=True, overwrite=False)
     run_dir.check(IDENTITY, resume=True, overwrite=False)
     run_dir.prepare(IDENTITY, overwrite=False)

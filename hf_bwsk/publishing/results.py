@@ -62,3 +62,14 @@ def format_tables(results: dict) -> str:
                           f"{fmt_memory(peaks['reversible'])} ({100 * saving:.1f}% saved, {kind})"]
         lines.append("")
     return "\n".join(lines)
+
+
+def divergence_summary(runs: list[dict]) -> str | None:
+    """One line naming every diverged variant and where, or None when none diverged."""
+    diverged = [run for run in runs if run.get("diverged")]
+    if not diverged:
+        return None
+    where = ", ".join(f"{run['variant']} at step {run['diverged']['step']} ({run['diverged']['metric']} "
+                      f"{run['diverged']['value']})" for run in diverged)
+    return (f"{len(diverged)} of {len(runs)} variants diverged: {where}; lower --learning_rate "
+            "(--scratch_learning_rate for scratch) and rerun them with --overwrite_output_dir")

@@ -21,7 +21,17 @@ from ..memory import FirstStepMemory
 _MB = 2**20
 
 
+# What may go non-finite in a log before a run is stopped as diverged.
+WATCHED_LOGS = ("loss", "grad_norm", "eval_loss")
+
+
 def _precision(args) -> str:
+    """The autocast precision the run's accelerator actually uses (the flags only ask for one)."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:  # Trainer made its Accelerator: ask it
+        mixed = str(AcceleratorState().mixed_precision)
+        return {"no": "fp32"}.get(mixed, mixed)
     return "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
 
 
@@ -33,7 +43,9 @@ def _device(args) -> str:
 
 
 def perplexity(mean_nll: float) -> float:
-    """exp of a token-weighted mean negative log-likelihood (inf where exp overflows)."""
+    """exp of a token-weighted mean negative log-likelihood (inf where exp overflows, NaN stays NaN)."""
+    if math.isnan(mean_nll):
+        return math.nan
     return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
@@ -53,6 +65,7 @@ class BWSKCallback(TrainerCallback):
     def __init__(self):
         self.analysis: dict | None = None
         self.reversible: dict | None = None
+        self.diverged: dict | None = None  # {"step", "metric", "value"} of the first non-finite log
 
     def set_analysis(self, summary: dict) -> None:
         """The S/K report summary (`SKReport.summary()`) of the trained model."""
@@ -64,6 +77,7 @@ class BWSKCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._start = time.perf_counter()
+        self.diverged = None
         self._tokens = 0
         self._seq_len = None
         self._cuda = torch.device(args.device).type == "cuda"
@@ -81,6 +95,17 @@ class BWSKCallback(TrainerCallback):
         self._seq_len = self._seq_len or int(input_ids.shape[-1])
         mask = kwargs.get("attention_mask")
         self._tokens += int(mask.sum()) if torch.is_tensor(mask) else input_ids.numel()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Stop a run whose loss or gradient norm went non-finite: every step after it is wasted."""
+        if self.diverged is not None:
+            return
+        for metric in WATCHED_LOGS:
+            value = (logs or {}).get(metric)
+            if isinstance(value, (int, float)) and not _finite(value):
+                self.diverged = {"step": state.global_step, "metric": metric, "value": str(float(value))}
+                control.should_training_stop = True
+                return
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         wall_time = time.perf_counter() - self._start
@@ -125,7 +150,7 @@ class BWSKCallback(TrainerCallback):
             "metric_name": "perplexity",
             "epochs_completed": state.epoch,
             "total_steps": state.global_step,
-            "early_stopped": state.global_step < state.max_steps,
+            "early_stopped": self.diverged is None and state.global_step < state.max_steps,
             "wall_time_s": wall_time,
             "tokens_per_s": world_tokens / wall_time if wall_time > 0 else None,
             "peak_memory_mb": peak_mb,
@@ -134,6 +159,7 @@ class BWSKCallback(TrainerCallback):
             "loss_curve": [{"step": step, "loss": loss} for step, loss in losses],
             "val_curve": val_curve,
             "nan_count": sum(not _finite(loss) for _, loss in losses) + sum(not _finite(e["loss"]) for e in val_curve),
+            "diverged": self.diverged,
             "seed": args.seed,
             "device": _device(args),
             "precision": _precision(args),
