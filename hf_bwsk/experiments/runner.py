@@ -14,7 +14,6 @@ import torch
 from accelerate import PartialState
 
 from ..errors import BWSKError
-from ..layout import files_under
 from ..training.args import BWSKTrainingArguments
 from .args import ExperimentArguments
 from .checks import (
@@ -101,7 +100,7 @@ def _run_grid(preset, args, training_args, callbacks) -> GridRun:
     names = [(experiment, mode) for experiment in args.experiments for mode in args.modes]
     runs = [train_variant(grid, experiment, mode, position=(number, len(names)))
             for number, (experiment, mode) in enumerate(names, start=1)]
-    return GridRun(run_dir, runs, _provenance(preset, args, grid, dataset, hyperparameters))
+    return GridRun(run_dir, runs, _provenance(preset, args, grid, dataset, hyperparameters, runs))
 
 
 def _prepare_run_dir(run_dir, identity, args, training_args, corpus) -> None:
@@ -128,16 +127,18 @@ def _base_and_tokenizer(preset, args, run_dir, corpus, block_size):
     from . import tiny_base
 
     directory = run_dir.checkpoints / "tiny-base"
-    tokenizer = tiny_base.base_tokenizer(preset.base, corpus["base"], directory, block_size)
-    if tiny_base.is_made(directory) and not args.overwrite_output_dir:
+    # Overwriting deletes the base an earlier run made; a resumed run reuses it.
+    reuse = tiny_base.is_made(directory) and not args.overwrite_output_dir
+    tokenizer = tiny_base.base_tokenizer(preset.base, corpus["base"], directory if reuse else None, block_size)
+    if reuse:
         return str(directory), tokenizer, None
     base_file = str(_corpus_directory(run_dir) / "base.txt")
 
     def make(tokenizer, training_args):
-        made = tiny_base.make_base(preset.base, tokenizer=tokenizer, base_file=base_file, block_size=block_size,
-                                   training_args=training_args, directory=directory)
-        if training_args.process_index == 0:
-            run_dir.record(files_under(made))
+        made, written = tiny_base.make_base(preset.base, tokenizer=tokenizer, base_file=base_file,
+                                            block_size=block_size, training_args=training_args, directory=directory)
+        if written:
+            run_dir.record(written)
         return str(made)
 
     return None, tokenizer, make
@@ -182,18 +183,24 @@ def _experiment_data(preset, args, corpus, tokenizer, block_size, training_args)
     return blocks, dataset
 
 
-def _provenance(preset, args, grid, dataset, hyperparameters) -> dict:
+def _provenance(preset, args, grid, dataset, hyperparameters, runs) -> dict:
     """Everything ``results.json`` records beside the runs: model, analysis, device, data, hyperparameters."""
     from transformers import AutoModelForCausalLM
 
     from ..analysis import analyze
     from ..env import device_description, versions
+    from ..rng import forked_rng
     from .variant import analysis_shape
 
     with torch.device("meta"):
         params = AutoModelForCausalLM.from_config(grid.config).num_parameters()
-    # The shape every variant's trainer analyses at, so the card's S/K ratios are theirs.
-    analysis = analyze(grid.config, **analysis_shape(grid))
+    # The card's S/K figures must be the variants' own: an analysed variant's summary, else the same
+    # analysis (a real model, the trainers' shape; a meta-device trace records other aten ops).
+    analysis = next((run["analysis"] for run in runs if run.get("analysis")), None)
+    if analysis is None:
+        with forked_rng(torch.device("cpu")):
+            model = AutoModelForCausalLM.from_config(grid.config, dtype=torch.float32)
+        analysis = analyze(model, **analysis_shape(grid)).summary()
     # A --base_model other than the preset's names the model; a local directory has no Hub id.
     model_name = Path(args.base_model).name if args.base_model else preset.model_name
     hf_id = None if Path(grid.base).exists() else grid.base

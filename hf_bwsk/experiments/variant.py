@@ -189,12 +189,12 @@ def _trainer(grid: Grid, experiment: str, args: BWSKTrainingArguments, resume_fr
 
 def _final_record(grid: Grid, experiment: str, name: str, checkpoints: Path, test: dict | None,
                   resume_from: str | None) -> dict:
-    """The callback's record with the runner's fields: variant, test result, time across sessions."""
+    """The callback's record with the runner's fields: variant, test result, time across sessions
+    (the callback measured this session's)."""
     record = read_record(checkpoints)
     record.update(model_slug=grid.slug, experiment=experiment, variant=name,
                   test_loss=None if test is None else test["test_loss"],
-                  test_metric=None if test is None else perplexity(test["test_loss"]),
-                  resumed=resume_from is not None)
+                  test_metric=None if test is None else perplexity(test["test_loss"]))
     if resume_from:
         before = read_json(Path(resume_from) / SESSION_TIME, "")["wall_time_s"]
         record["wall_time_s"] += before

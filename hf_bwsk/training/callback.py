@@ -26,13 +26,14 @@ WATCHED_LOGS = ("loss", "grad_norm", "eval_loss")
 
 
 def _precision(args) -> str:
-    """The autocast precision the run's accelerator actually uses (the flags only ask for one)."""
+    """The autocast precision the run actually used (the flags only ask for one)."""
     from accelerate.state import AcceleratorState
 
-    if AcceleratorState._shared_state:  # Trainer made its Accelerator: ask it
-        mixed = str(AcceleratorState().mixed_precision)
-        return {"no": "fp32"}.get(mixed, mixed)
-    return "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    mixed = str(AcceleratorState().mixed_precision) if AcceleratorState._shared_state else "no"
+    # accelerate accepts fp16 on a CPU but does not autocast there (its native_amp stays off): fp32 runs.
+    if mixed == "no" or (mixed == "fp16" and torch.device(args.device).type == "cpu"):
+        return "fp32"
+    return mixed
 
 
 def _device(args) -> str:
@@ -78,6 +79,8 @@ class BWSKCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._start = time.perf_counter()
         self.diverged = None
+        # Trainer has loaded a resumed run's state by now: a run starting past step 0 resumed.
+        self._resumed = state.global_step > 0
         self._tokens = 0
         self._seq_len = None
         self._cuda = torch.device(args.device).type == "cuda"
@@ -160,6 +163,7 @@ class BWSKCallback(TrainerCallback):
             "val_curve": val_curve,
             "nan_count": sum(not _finite(loss) for _, loss in losses) + sum(not _finite(e["loss"]) for e in val_curve),
             "diverged": self.diverged,
+            "resumed": self._resumed,
             "seed": args.seed,
             "device": _device(args),
             "precision": _precision(args),
