@@ -402,6 +402,7 @@ def test_kill_9_in_a_variant_then_resume_gives_the_uninterrupted_results(clean_r
     resumed = run_recipe(out, "--resume", "true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[2/4] training finetune-bwsk-analyzed (resuming from checkpoint-" in resumed.stdout
+    assert "unexpected keys" not in resumed.stdout + resumed.stderr
     found, expected = records(out), records(expected_out)
     for name in VARIANTS:
         same_records(found[name], expected[name], name)

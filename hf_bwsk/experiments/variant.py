@@ -90,12 +90,19 @@ class CheckpointBookkeeping(TrainerCallback):
 
 
 class GridTrainer(BWSKTrainer):
-    """``BWSKTrainer`` whose end-of-training best-model reload is left to :func:`load_best_weights`.
+    """``BWSKTrainer`` that leaves loading checkpoint weights to ``from_pretrained``.
 
-    Trainer's own reload is a raw ``load_state_dict`` that misses the head saved under its legacy
-    name and warns ``unexpected keys ['embed_out.weight']``; ``load_best_weights`` reloads through
-    ``from_pretrained``, which maps it. FSDP, which ``load_best_weights`` leaves alone, keeps Trainer's.
+    Trainer's own loads (resuming, and the best model at the end) are a raw ``load_state_dict`` that
+    misses the head saved under its legacy name and warns ``unexpected keys ['embed_out.weight']``.
+    A resumed variant's model is built from its checkpoint by ``from_pretrained`` (which maps the
+    names), and :func:`load_best_weights` reloads the best one the same way. FSDP and SageMaker,
+    which load into the wrapped model (``model`` given) and which ``load_best_weights`` leaves alone,
+    keep Trainer's loads.
     """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if model is not None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self):
         if self.is_fsdp_enabled:
