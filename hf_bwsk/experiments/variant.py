@@ -154,7 +154,8 @@ def train_variant(grid: Grid, experiment: str, mode: str, position: tuple[int, i
         print(f"[{position[0]}/{position[1]}] training {name}"
               + (f" (resuming from {Path(resume_from).name})" if resume_from else ""), flush=True)
     set_seed(args.seed)
-    trainer = _trainer(grid, experiment, args, resume_from)
+    before = _time_before(resume_from)
+    trainer = _trainer(grid, experiment, args, resume_from, before)
     trainer.train(resume_from_checkpoint=resume_from)
     diverged = trainer.bwsk_callback.diverged
     test = None
@@ -165,7 +166,7 @@ def train_variant(grid: Grid, experiment: str, mode: str, position: tuple[int, i
     partial = grid.run_dir.partial(name)
     trainer.save_model(str(partial))
     if main_process:
-        record = _final_record(grid, experiment, name, checkpoints, test, resume_from)
+        record = _final_record(grid, experiment, name, checkpoints, test, before)
         # Trainer pickles its arguments beside the weights; the record holds them as JSON instead.
         (partial / "training_args.bin").unlink(missing_ok=True)
         write_json(partial / TRAINING_RESULTS, record)
@@ -176,7 +177,16 @@ def train_variant(grid: Grid, experiment: str, mode: str, position: tuple[int, i
     return read_record(grid.run_dir.variant(name))
 
 
-def _trainer(grid: Grid, experiment: str, args: BWSKTrainingArguments, resume_from: str | None) -> "GridTrainer":
+def _time_before(resume_from: str | None) -> float:
+    """The variant's training time up to the checkpoint it resumes from (0 for a fresh start)."""
+    if not resume_from:
+        return 0.0
+    what = "this checkpoint predates the session time record; start over with --overwrite_output_dir"
+    return read_json(Path(resume_from) / SESSION_TIME, what)["wall_time_s"]
+
+
+def _trainer(grid: Grid, experiment: str, args: BWSKTrainingArguments, resume_from: str | None,
+             before: float) -> "GridTrainer":
     from transformers import AutoModelForCausalLM, default_data_collator
 
     if resume_from:
@@ -185,7 +195,6 @@ def _trainer(grid: Grid, experiment: str, args: BWSKTrainingArguments, resume_fr
         model = load_model(grid.base)
     else:
         model = AutoModelForCausalLM.from_config(grid.config, dtype=torch.float32)
-    before = read_json(Path(resume_from) / SESSION_TIME, "")["wall_time_s"] if resume_from else 0.0
     return GridTrainer(
         model=model, args=args, train_dataset=grid.blocks["train"], eval_dataset=grid.blocks["validation"],
         processing_class=grid.tokenizer, data_collator=default_data_collator,
@@ -195,15 +204,14 @@ def _trainer(grid: Grid, experiment: str, args: BWSKTrainingArguments, resume_fr
 
 
 def _final_record(grid: Grid, experiment: str, name: str, checkpoints: Path, test: dict | None,
-                  resume_from: str | None) -> dict:
-    """The callback's record with the runner's fields: variant, test result, time across sessions
-    (the callback measured this session's)."""
+                  before: float) -> dict:
+    """The callback's record with the runner's fields: variant, test result, and the time of the
+    sessions before this one (the callback measured this session's)."""
     record = read_record(checkpoints)
     record.update(model_slug=grid.slug, experiment=experiment, variant=name,
                   test_loss=None if test is None else test["test_loss"],
                   test_metric=None if test is None else perplexity(test["test_loss"]))
-    if resume_from:
-        before = read_json(Path(resume_from) / SESSION_TIME, "")["wall_time_s"]
+    if record["resumed"]:
         record["wall_time_s"] += before
         record["tokens_per_s"] = None  # the tokens of the sessions before are not known here
     return record
