@@ -134,6 +134,23 @@ def test_every_json_file_we_write_is_strict_and_names_its_non_finite_values(dive
     assert any(value == "nan" for value in record["non_finite"].values()), record.get("non_finite")
 
 
+def test_the_callback_stops_a_run_at_its_first_non_finite_log():
+    from transformers import TrainerControl
+    from transformers.trainer_callback import TrainerState
+
+    from hf_bwsk.training.callback import BWSKCallback
+
+    callback, state, control = BWSKCallback(), TrainerState(global_step=3), TrainerControl()
+    callback.on_log(None, state, control, logs={"loss": 2.0, "grad_norm": 1.0})
+    assert not control.should_training_stop and callback.diverged is None
+    state.global_step = 5
+    callback.on_log(None, state, control, logs={"loss": 2.0, "grad_norm": torch.tensor(math.inf)})
+    assert control.should_training_stop and callback.diverged == {"step": 5, "metric": "grad_norm", "value": "inf"}
+    state.global_step = 6
+    callback.on_log(None, state, control, logs={"eval_loss": math.nan})
+    assert callback.diverged["step"] == 5, "the first divergence is the one recorded"
+
+
 def test_write_json_turns_non_finite_values_into_named_nulls(tmp_path):
     write_json(tmp_path / "x.json", {"loss": math.nan, "curve": [{"loss": 1.0}, {"loss": math.inf}]})
     assert strict_json(tmp_path / "x.json") == {

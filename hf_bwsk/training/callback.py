@@ -61,6 +61,9 @@ class BWSKCallback(TrainerCallback):
     first step keeps for backward), tokens/s, wall time, epochs, loss and eval curves, NaN count,
     seed, mode, precision, device, versions, hyperparameters and, with `BWSKTrainer`, the S/K/Gray
     ratios and the reversible mode's status.
+
+    A run whose logged loss, gradient norm or eval loss is not finite is stopped there (every later
+    step would be wasted) and recorded as ``diverged``: the step, the metric and its value.
     """
 
     def __init__(self):
@@ -105,6 +108,7 @@ class BWSKCallback(TrainerCallback):
             return
         for metric in WATCHED_LOGS:
             value = (logs or {}).get(metric)
+            value = value.item() if torch.is_tensor(value) else value
             if isinstance(value, (int, float)) and not _finite(value):
                 self.diverged = {"step": state.global_step, "metric": metric, "value": str(float(value))}
                 control.should_training_stop = True
