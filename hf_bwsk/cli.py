@@ -1,4 +1,4 @@
-"""The ``hf-bwsk`` console script.
+"""hf-bwsk: S/K analysis of causal LMs and publishing of experiment runs.
 
 Each subcommand is one function decorated with ``@subcommand(name, help, *arguments)`` and listed in
 ``SUBCOMMANDS``. Bad input raises ``BWSKError``; the script prints it as one line,
@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BWSKError
-from .models import BUILTIN_MODELS, load_config
 
 EXIT_BAD_INPUT = 2
 # The analyze defaults; without --seq-len / --batch-size they are rounded up to sizes that identify the
 # axes, so the CALM report needs no second trace.
 DEFAULT_SEQ_LEN, DEFAULT_BATCH = 128, 2
+# The built-in model names, read from the shipped configs: importing hf_bwsk.models would load
+# transformers, and `hf-bwsk --help` or a usage error must answer at once.
+BUILTIN_NAMES = sorted(path.stem for path in (Path(__file__).parent / "models" / "configs").glob("*.json"))
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def positive_int(text: str) -> int:
     argument(
         "model",
         metavar="NAME_OR_DIR",
-        help=f"a built-in name ({', '.join(BUILTIN_MODELS)}), a local model directory, "
+        help=f"a built-in name ({', '.join(BUILTIN_NAMES)}), a local model directory, "
         "or a Hub id 'owner/name' (config only, no weights are downloaded)",
     ),
     argument("--seq-len", type=positive_int,
@@ -86,6 +88,8 @@ def positive_int(text: str) -> int:
              help="also save a self-contained HTML report (layer map, CALM phases, sharding plan, ops)"),
 )
 def analyze(args: argparse.Namespace) -> None:
+    from .models import load_config
+
     _check_outputs(args)
     config = load_config(args.model)
 
@@ -149,13 +153,16 @@ def card(args: argparse.Namespace) -> None:
     argument("--revision", metavar="BRANCH", help="branch to commit to, created from main if needed (default: main)"),
     argument("--commit-message", metavar="TEXT", help="commit message"),
     argument("--dry-run", action="store_true", help="check the run and list every file and its size; no network"),
+    argument("--allow-diverged", action="store_true",
+             help="publish even a run with a diverged variant or non-finite weights (refused otherwise)"),
 )
 def push(args: argparse.Namespace) -> None:
     from .publishing.hub import DEFAULT_COMMIT_MESSAGE
     from .publishing.hub import push as push_run
 
     result = push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
-                      commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE, dry_run=args.dry_run)
+                      commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE, dry_run=args.dry_run,
+                      allow_diverged=args.allow_diverged)
     print(result.to_table())
     if result.commit_url:
         print(f"commit: {result.commit_url}")

@@ -48,23 +48,43 @@ def fmt_setting(value) -> str:
     return str(value)
 
 
+def fmt_diverged(diverged: dict) -> str:
+    """Where a run stopped because its loss or gradient norm went non-finite."""
+    return f"diverged at step {diverged['step']} ({diverged['metric']} {diverged['value']})"
+
+
 def result_cells(record: dict) -> list[str]:
-    """One ``training_results.json`` record as the cells of ``RESULT_COLUMNS``."""
+    """One ``training_results.json`` record as the cells of ``RESULT_COLUMNS``; a diverged run shows
+    where it diverged instead of its losses and perplexities."""
+    diverged = record.get("diverged")
     return [
         MODE_LABELS[record["mode"]],
-        fmt(record.get("final_train_loss"), ".4f"),
-        fmt(record.get("best_val_metric"), ".2f"),
-        fmt(record.get("test_metric"), ".2f"),
+        fmt_diverged(diverged) if diverged else fmt(record.get("final_train_loss"), ".4f"),
+        NOT_MEASURED if diverged else fmt(record.get("best_val_metric"), ".2f"),
+        NOT_MEASURED if diverged else fmt(record.get("test_metric"), ".2f"),
         fmt_memory(record.get("peak_memory_mb")),
         fmt_duration(record.get("wall_time_s")),
         fmt_epochs(record),
     ]
 
 
+def memory_column(records: list[dict]) -> str:
+    """The memory column's title: "Peak Memory" only for a peak (CUDA max allocated); otherwise what
+    the figures are (``layout.MEMORY_KINDS``), so bytes kept after a forward are not called a peak."""
+    kinds = {r.get("peak_memory_kind") for r in records if r.get("peak_memory_mb") is not None}
+    if not kinds or kinds == {"cuda_max_allocated"}:
+        return "Peak Memory"
+    if len(kinds) > 1:
+        return "Memory (kinds differ, see note)"
+    (kind,) = kinds
+    return "Memory: " + MEMORY_KINDS.get(kind, str(kind))
+
+
 def results_table(records: list[dict]) -> str:
     """The markdown results table of some variants, in mode order (the published cards' columns)."""
     rows = sorted(records, key=lambda record: MODES.index(record["mode"]))
-    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
+    columns = [memory_column(records) if column == "Peak Memory" else column for column in RESULT_COLUMNS]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(result_cells(record)) + " |" for record in rows]
     return "\n".join(lines)
 

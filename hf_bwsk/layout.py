@@ -3,7 +3,8 @@
 An experiment's output directory::
 
     output_dir/
-      .hf-bwsk-run.json          marker: this runner wrote the directory (recipe, preset, seed)
+      .hf-bwsk-run.json          marker: this runner wrote the directory; its identity (recipe, preset,
+                                 seed, every effective hyperparameter) and the manifest of files it wrote
       results.json               the grid's results (docs/RESULTS_FORMAT.md)
       <experiment>-<mode>/       finetune|scratch x conventional|bwsk-analyzed|bwsk-reversible:
                                  model.safetensors, config.json, tokenizer files, training_results.json
@@ -15,6 +16,7 @@ S/K and CALM reports. Every other module imports these names from here.
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -58,12 +60,38 @@ def variant_label(experiment: str | None, mode: str) -> str:
     return f"{EXPERIMENT_LABELS[experiment]} ({MODE_LABELS[mode]})"
 
 
+NON_FINITE = "non_finite"  # the key under which strict JSON names the values it wrote as null
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write ``data`` as indented JSON through a temporary file and a rename, so readers never see half a file."""
+    """Write ``data`` as strict, indented JSON through a temporary file and a rename (readers never
+    see half a file).
+
+    JSON has no NaN or Infinity: each non-finite float is written as null and named, with its
+    value, under ``"non_finite"`` (e.g. ``{"loss_curve[3].loss": "nan"}``), so nothing is lost or
+    silently turned into a number.
+    """
     path = Path(path)
+    non_finite: dict[str, str] = {}
+    clean = _finite_only(data, "", non_finite)
+    if non_finite:
+        clean[NON_FINITE] = {**clean.get(NON_FINITE, {}), **non_finite}
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    temporary.write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(temporary, path)
+
+
+def _finite_only(value, where: str, non_finite: dict[str, str]):
+    """``value`` with every non-finite float replaced by None, recorded in ``non_finite`` by its path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        non_finite[where] = str(value)
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_only(item, f"{where}.{key}" if where else str(key), non_finite)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_only(item, f"{where}[{index}]", non_finite) for index, item in enumerate(value)]
+    return value
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
@@ -75,3 +103,29 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise BWSKError(f"{path} is not valid JSON ({error}); re-run the step that writes it") from error
+
+
+def read_marker(run_dir: str | os.PathLike) -> dict:
+    """The run directory's marker: ``{"identity": {...}, "written": [relative paths]}``."""
+    marker = json.loads((Path(run_dir) / MARKER).read_text(encoding="utf-8"))
+    if "identity" not in marker:  # a marker of hf-bwsk before the manifest: the identity alone
+        marker = {"identity": marker, "written": []}
+    return marker
+
+
+def record_written(run_dir: str | os.PathLike, paths) -> None:
+    """Add files this runner wrote under ``run_dir`` to the marker's manifest (main process only).
+
+    The manifest is what ``--overwrite_output_dir`` may delete: files we did not record survive.
+    """
+    run_dir = Path(run_dir)
+    marker = read_marker(run_dir)
+    written = set(marker["written"])
+    written.update(Path(path).resolve().relative_to(run_dir.resolve()).as_posix() for path in paths)
+    write_json(run_dir / MARKER, {**marker, "written": sorted(written)})
+
+
+def files_under(directory: str | os.PathLike) -> list[Path]:
+    """Every file below ``directory`` (none if it does not exist)."""
+    directory = Path(directory)
+    return sorted(path for path in directory.rglob("*") if path.is_file()) if directory.is_dir() else []

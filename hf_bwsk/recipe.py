@@ -22,16 +22,20 @@ from .errors import BWSKError
 from .experiments.args import ExperimentArguments, parse_arguments
 from .experiments.presets import Preset, get_preset
 from .experiments.runner import run_grid
-from .layout import write_json
+from .layout import RESULTS, write_json
 from .publishing.hub import check_repo_id, check_token, push
-from .publishing.results import assemble_results, format_tables
+from .publishing.results import assemble_results, divergence_summary, format_tables
 from .training.args import BWSKTrainingArguments
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 1
 
 
 def main(presets: dict[str, Preset], args: list[str] | None = None) -> dict | None:
     """Parse flags (or a YAML/JSON file), run the grid, print the tables, push if asked.
 
-    A BWSKError is printed as one line and exits with status 2. Returns the results on the main process.
+    A BWSKError is printed as one line and exits with status 2; a run with a diverged variant
+    prints a one-line summary and exits with status 1. Returns the results on the main process.
     """
     try:
         experiment_args, training_args = parse_arguments(presets, args)
@@ -39,12 +43,18 @@ def main(presets: dict[str, Preset], args: list[str] | None = None) -> dict | No
         results = run_experiment(preset, experiment_args, training_args)
     except BWSKError as error:
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if training_args.process_index == 0:
-        print(format_tables(results))
-        print(f"Results: {Path(training_args.output_dir) / 'results.json'}")
-        return results
-    return None
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    if training_args.process_index != 0:
+        return None
+    output_dir = Path(training_args.output_dir)
+    print(format_tables(results))
+    print(f"Results: {output_dir / RESULTS}")
+    print("Variants: " + ", ".join(str(output_dir / run["variant"]) for run in results["runs"]))
+    summary = divergence_summary(results["runs"])
+    if summary:
+        print(f"error: {summary}" + ("; nothing was pushed" if training_args.push_to_hub else ""), file=sys.stderr)
+        raise SystemExit(EXIT_DIVERGED)
+    return results
 
 
 def run_experiment(preset: Preset, args: ExperimentArguments, training_args: BWSKTrainingArguments,
@@ -59,7 +69,8 @@ def run_experiment(preset: Preset, args: ExperimentArguments, training_args: BWS
     results = assemble_results(preset=preset, runs=grid_run.runs, **grid_run.provenance)
     if training_args.process_index == 0:
         write_json(grid_run.run_dir.results_path, results)
-        if training_args.push_to_hub:
+        grid_run.run_dir.record([grid_run.run_dir.results_path])
+        if training_args.push_to_hub and not divergence_summary(results["runs"]):
             push(grid_run.run_dir.path, args.hub_repo_id, private=bool(training_args.hub_private_repo),
                  revision=training_args.hub_revision, token=training_args.hub_token)
     return results

@@ -9,12 +9,12 @@ from hf_bwsk.errors import BWSKError
 from hf_bwsk.experiments.data import (
     SPLITS,
     HubText,
-    TinyCorpus,
     load_hub_text,
     load_text_files,
     pack_blocks,
+    text_splits,
     tiny_corpus_slices,
-    write_tiny_corpus,
+    write_tiny_corpus_texts,
 )
 from hf_bwsk.experiments.tokenization import END_OF_TEXT, train_bpe_tokenizer
 
@@ -52,11 +52,15 @@ def test_corpus_slices_partition_the_stdlib_prose_5_3_1_1(slices):
     assert abs(counts["base"] / counts["validation"] - 5) < 1, counts
 
 
-def test_tiny_corpus_files_hold_the_slices(tmp_path, slices):
-    paths = write_tiny_corpus(TinyCorpus(max_chars=SMALL), tmp_path)
+def test_tiny_corpus_files_hold_the_slices_and_read_back_as_the_in_memory_rows(tmp_path, slices):
+    paths = write_tiny_corpus_texts(slices, tmp_path)
     assert sorted(paths) == sorted(slices)
     for name, path in paths.items():
         assert open(path, encoding="utf-8").read() == slices[name]
+    from_files = load_text_files({split: str(paths[split]) for split in SPLITS}, 32)
+    in_memory = text_splits({split: slices[split] for split in SPLITS})
+    for split in SPLITS:
+        assert in_memory[split]["text"] == from_files[split]["text"], f"{split}: rows differ"
 
 
 def test_bpe_tokenizer_is_deterministic_and_lossless(slices, tokenizer):

@@ -27,8 +27,9 @@ TEST_PRESETS = {
     ),
     "full": PYTHIA_PRESETS["full"],
 }
-# Run to run, only these differ (docs/RESULTS_FORMAT.md: wall time and what is derived from it).
-WALL_CLOCK_FIELDS = {"wall_time_s", "tokens_per_s"}
+# Run to run, only these differ (docs/RESULTS_FORMAT.md: wall time, what is derived from it, and the
+# flag saying a variant's time spans sessions).
+WALL_CLOCK_FIELDS = {"wall_time_s", "tokens_per_s", "resumed"}
 
 
 def run(output_dir, *flags, presets=TEST_PRESETS, callbacks=()):
@@ -113,7 +114,7 @@ def test_foreign_output_dir_is_refused_unless_overwriting(tmp_path):
     run_dir.check(IDENTITY, resume=False, overwrite=True)
     run_dir.prepare(IDENTITY, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine", "overwriting must keep files the runner did not write"
-    assert json.loads((tmp_path / MARKER).read_text()) == IDENTITY
+    assert json.loads((tmp_path / MARKER).read_text()) == {"identity": IDENTITY, "written": []}
 
 
 def test_earlier_run_needs_resume_or_overwrite(tmp_path):
@@ -121,10 +122,11 @@ def test_earlier_run_needs_resume_or_overwrite(tmp_path):
     run_dir.prepare(IDENTITY, overwrite=False)
     (tmp_path / VARIANTS[0]).mkdir()
     (tmp_path / VARIANTS[0] / "training_results.json").write_text("{}")
+    run_dir.record([tmp_path / VARIANTS[0] / "training_results.json"])
     (tmp_path / f".{VARIANTS[1]}.partial").mkdir()
     with pytest.raises(BWSKError, match="holds an earlier run; pass --resume to continue it or --overwrite_output_dir"):
         run_dir.check(IDENTITY, resume=False, overwrite=False)
-    with pytest.raises(BWSKError, match="resume with the same settings"):
+    with pytest.raises(BWSKError, match=r"--resume with other settings .*: seed 42 \(run\) vs 1 \(now\)"):
         run_dir.check({**IDENTITY, "seed": 1}, resume=True, overwrite=False)
     run_dir.check(IDENTITY, resume=True, overwrite=False)
     run_dir.prepare(IDENTITY, overwrite=False)
@@ -155,8 +157,7 @@ def test_too_short_text_files_fail_before_training(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(BWSKError, match="the test text has \\d+ tokens but one block of block_size 32 needs 32"):
         run(out, *[item for split in SPLITS for item in (f"--{split}_file", str(files[split]))])
-    assert not (out / "checkpoints" / "tiny-base").exists(), "the base must not be pretrained before the data checks"
-    assert not any((out / name).exists() for name in VARIANTS)
+    assert not out.exists(), "a run refused before training writes nothing (not even the tiny corpus)"
 
 
 # -- tables ----------------------------------------------------------------------------------------

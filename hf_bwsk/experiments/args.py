@@ -82,8 +82,8 @@ class ExperimentArguments:
     resume: bool = field(default=False, metadata={"help": "Continue the run in --output_dir: skip finished "
                          "variants, resume the interrupted one from its last checkpoint."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an --output_dir holding "
-                                       "an earlier run (its outputs are removed) or files this runner did not "
-                                       "write (they are kept)."})
+                                       "an earlier run (the files it wrote, listed in its marker, are deleted) or "
+                                       "files this runner did not write (they are kept, wherever they are)."})
     hub_repo_id: str | None = field(default=None, metadata={"help": "With --push_to_hub: the Hub repo "
                                     "('namespace/name') the six variants are pushed to, in one commit, at the end."})
 
@@ -113,21 +113,41 @@ def parse_arguments(presets: dict[str, Preset], args: list[str] | None = None):
     """``(ExperimentArguments, BWSKTrainingArguments)`` from command-line flags or one YAML/JSON file.
 
     Defaults come, in increasing priority, from the dataclasses, the runner's protocol, the chosen
-    preset, and the user's flags or file.
+    preset, and the user's flags or file. A bad flag or value is a one-line ``BWSKError``.
     """
     from transformers import HfArgumentParser
 
-    args = sys.argv[1:] if args is None else list(args)
-    parser = HfArgumentParser((ExperimentArguments, BWSKTrainingArguments))
-    if len(args) == 1 and args[0].endswith((".yaml", ".yml", ".json")):
-        import yaml
+    class OneLineErrorParser(HfArgumentParser):
+        """A usage error as one line naming the fix, not the hundred-line usage block."""
 
-        given = yaml.safe_load(Path(args[0]).read_text(encoding="utf-8")) or {}
-        preset = get_preset(presets, given.get("preset", "tiny"))
-        return parser.parse_dict({**_defaults(preset), **given})
-    known, _ = parser.parse_known_args(args)
-    parser.set_defaults(**_defaults(get_preset(presets, known.preset)))
-    return parser.parse_args_into_dataclasses(args=args)
+        def error(self, message: str):
+            raise BWSKError(f"{message} (see --help)")
+
+    args = sys.argv[1:] if args is None else list(args)
+    parser = OneLineErrorParser((ExperimentArguments, BWSKTrainingArguments))
+    try:
+        if len(args) == 1 and args[0].endswith((".yaml", ".yml", ".json")):
+            import yaml
+
+            given = yaml.safe_load(Path(args[0]).read_text(encoding="utf-8")) or {}
+            _refuse_bwsk_mode("bwsk_mode" in given)
+            preset = get_preset(presets, given.get("preset", "tiny"))
+            return parser.parse_dict({**_defaults(preset), **given})
+        _refuse_bwsk_mode(any(arg == "--bwsk_mode" or arg.startswith("--bwsk_mode=") for arg in args))
+        known, _ = parser.parse_known_args(args)
+        parser.set_defaults(**_defaults(get_preset(presets, known.preset)))
+        return parser.parse_args_into_dataclasses(args=args)
+    except BWSKError:
+        raise
+    except ValueError as error:  # TrainingArguments' own checks, e.g. --bf16 on a machine without it
+        raise BWSKError(f"{str(error).strip().splitlines()[0]} (check the flags; see --help)") from None
+
+
+def _refuse_bwsk_mode(given: bool) -> None:
+    """The runner sets each variant's mode from --modes; a --bwsk_mode would be silently ignored."""
+    if given:
+        raise BWSKError("--bwsk_mode is set per variant by the runner; choose the modes with --modes "
+                        "(e.g. --modes reversible) and drop --bwsk_mode")
 
 
 def _defaults(preset: Preset) -> dict:

@@ -58,16 +58,25 @@ def tiny_corpus_slices(max_chars: int | None = None) -> dict[str, str]:
     return {name: "\n\n".join(parts) + "\n" for name, parts in slices.items()}
 
 
-def write_tiny_corpus(corpus: TinyCorpus, directory: str | Path) -> dict[str, str]:
-    """Write the tiny corpus slices as ``<slice>.txt`` under ``directory``; return slice -> path."""
+def write_tiny_corpus_texts(slices: dict[str, str], directory: str | Path) -> dict[str, Path]:
+    """Write corpus slices (:func:`tiny_corpus_slices`) as ``<slice>.txt`` under ``directory``; return slice -> path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, text in tiny_corpus_slices(corpus.max_chars).items():
-        path = directory / f"{name}.txt"
-        path.write_text(text, encoding="utf-8")
-        paths[name] = str(path)
+    for name, text in slices.items():
+        paths[name] = directory / f"{name}.txt"
+        paths[name].write_text(text, encoding="utf-8")
     return paths
+
+
+def text_splits(texts: dict[str, str]):
+    """In-memory texts (split -> text) as a ``DatasetDict`` with a ``text`` column, one line per row,
+    line breaks kept: what ``load_text_files`` gives for the same texts written to files."""
+    import datasets
+
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"text": text.splitlines(keepends=True)}) for split, text in texts.items()
+    })
 
 
 def load_text_files(files: dict[str, str], block_size: int):

@@ -16,13 +16,21 @@ from accelerate import PartialState
 from ..errors import BWSKError
 from ..training.args import BWSKTrainingArguments
 from .args import ExperimentArguments
+from .checks import (
+    check_flags,
+    check_memory_budget,
+    effective_hyperparameters,
+    run_identity,
+)
 from .data import (
     SPLITS,
     TinyCorpus,
     load_hub_text,
     load_text_files,
     pack_blocks,
-    write_tiny_corpus,
+    text_splits,
+    tiny_corpus_slices,
+    write_tiny_corpus_texts,
 )
 from .presets import Preset, TinyBase
 from .run_dir import RunDirectory
@@ -43,11 +51,11 @@ def run_grid(preset: Preset, args: ExperimentArguments, training_args: BWSKTrain
              *, callbacks: tuple = ()) -> GridRun:
     """Train the requested variants of ``preset`` into ``training_args.output_dir``.
 
-    ``callbacks`` are added to every variant's trainer. Every input check happens before training.
+    ``callbacks`` are added to every variant's trainer. Every input check happens before anything
+    is written: a run refused before training leaves the output directory as it was.
     """
-    run_dir = _prepare_run_dir(preset, args, training_args)
     with _torch_threads(_given_or(args.torch_threads, preset.torch_threads)):
-        return _run_grid(preset, args, training_args, run_dir, callbacks)
+        return _run_grid(preset, args, training_args, callbacks)
 
 
 @contextmanager
@@ -62,56 +70,76 @@ def _torch_threads(count: int | None):
         torch.set_num_threads(before)
 
 
-def _run_grid(preset, args, training_args, run_dir, callbacks) -> GridRun:
+def _run_grid(preset, args, training_args, callbacks) -> GridRun:
     from transformers import AutoConfig
 
+    check_flags(args, training_args)
     block_size = _given_or(args.block_size, preset.block_size)
-    corpus = _tiny_corpus_files(preset, args, run_dir, training_args)
+    hyperparameters = effective_hyperparameters(preset, args, training_args, block_size)
+    identity = run_identity(preset, training_args, hyperparameters)
+    run_dir = RunDirectory(training_args.output_dir)
+    run_dir.check(identity, resume=args.resume, overwrite=args.overwrite_output_dir)
+    corpus = _tiny_corpus_texts(preset, args)
     base, tokenizer, make_tiny_base = _base_and_tokenizer(preset, args, run_dir, corpus, block_size)
     blocks, dataset = _experiment_data(preset, args, corpus, tokenizer, block_size, training_args)
+    config = AutoConfig.from_pretrained(base) if base else preset.base.make_config(len(tokenizer), block_size)
+    check_memory_budget(config, training_args, block_size, args.modes)
+    # Everything checked: from here on the run writes.
+    _prepare_run_dir(run_dir, identity, args, training_args, corpus)
     if make_tiny_base is not None:
         base = make_tiny_base(tokenizer, training_args)
+        config = AutoConfig.from_pretrained(base)
     grid = Grid(
-        run_dir=run_dir, training_args=training_args, slug=preset.slug, base=base,
-        config=AutoConfig.from_pretrained(base), tokenizer=tokenizer, blocks=blocks, block_size=block_size,
-        learning_rates={"finetune": training_args.learning_rate,
-                        "scratch": _given_or(args.scratch_learning_rate, preset.scratch_learning_rate)},
-        max_epochs=_given_or(args.max_epochs, preset.max_epochs),
+        run_dir=run_dir, training_args=training_args, slug=preset.slug, base=base, config=config,
+        tokenizer=tokenizer, blocks=blocks, block_size=block_size,
+        learning_rates={"finetune": hyperparameters["finetune_learning_rate"],
+                        "scratch": hyperparameters["scratch_learning_rate"]},
+        max_epochs=hyperparameters["max_epochs"],
         early_stopping_patience=args.early_stopping_patience, resume=args.resume, callbacks=tuple(callbacks),
     )
-    runs = [train_variant(grid, experiment, mode) for experiment in args.experiments for mode in args.modes]
-    return GridRun(run_dir, runs, _provenance(preset, args, grid, dataset))
+    names = [(experiment, mode) for experiment in args.experiments for mode in args.modes]
+    runs = [train_variant(grid, experiment, mode, position=(number, len(names)))
+            for number, (experiment, mode) in enumerate(names, start=1)]
+    return GridRun(run_dir, runs, _provenance(preset, args, grid, dataset, hyperparameters, runs))
 
 
-def _prepare_run_dir(preset, args, training_args) -> RunDirectory:
-    run_dir = RunDirectory(training_args.output_dir)
-    identity = {"recipe": preset.slug, "preset": preset.name, "seed": training_args.seed}
-    run_dir.check(identity, resume=args.resume, overwrite=args.overwrite_output_dir)
-    # Every process checks the directory before the main one changes it.
+def _prepare_run_dir(run_dir, identity, args, training_args, corpus) -> None:
+    """Mark the directory ours (overwriting: delete what we wrote before) and write the tiny corpus."""
+    # Every process has checked the directory before the main one changes it.
     PartialState().wait_for_everyone()
     with training_args.main_process_first(desc="preparing the output directory"):
         if training_args.process_index == 0:
             run_dir.prepare(identity, overwrite=args.overwrite_output_dir)
-    return run_dir
+            if corpus is not None:
+                run_dir.record(write_tiny_corpus_texts(corpus, _corpus_directory(run_dir)).values())
+
+
+def _corpus_directory(run_dir: RunDirectory) -> Path:
+    return run_dir.checkpoints / "tiny-corpus"
 
 
 def _base_and_tokenizer(preset, args, run_dir, corpus, block_size):
     """The base model (Hub id or directory), its tokenizer, and for a tiny base not made yet the step
-    that makes it (run after the data checks, so bad data fails before any training)."""
+    that makes it (run after every check, so bad input fails before any training or writing)."""
     if args.base_model or not isinstance(preset.base, TinyBase):
         base = args.base_model or preset.base
         return base, _hub_tokenizer(base), None
     from . import tiny_base
 
     directory = run_dir.checkpoints / "tiny-base"
-    base_text = Path(corpus["base"]).read_text(encoding="utf-8")
-    tokenizer = tiny_base.base_tokenizer(preset.base, base_text, directory, block_size)
-    if tiny_base.is_made(directory):
+    # Overwriting deletes the base an earlier run made; a resumed run reuses it.
+    reuse = tiny_base.is_made(directory) and not args.overwrite_output_dir
+    tokenizer = tiny_base.base_tokenizer(preset.base, corpus["base"], directory if reuse else None, block_size)
+    if reuse:
         return str(directory), tokenizer, None
+    base_file = str(_corpus_directory(run_dir) / "base.txt")
 
     def make(tokenizer, training_args):
-        return str(tiny_base.make_base(preset.base, tokenizer=tokenizer, base_file=corpus["base"],
-                                       block_size=block_size, training_args=training_args, directory=directory))
+        made, written = tiny_base.make_base(preset.base, tokenizer=tokenizer, base_file=base_file,
+                                            block_size=block_size, training_args=training_args, directory=directory)
+        if written:
+            run_dir.record(written)
+        return str(made)
 
     return None, tokenizer, make
 
@@ -129,83 +157,58 @@ def _hub_tokenizer(base: str):
         ) from error
 
 
-def _tiny_corpus_files(preset, args, run_dir, training_args) -> dict[str, str] | None:
-    """The stdlib corpus slices written under ``checkpoints/`` when the base or the data needs them."""
+def _tiny_corpus_texts(preset, args) -> dict[str, str] | None:
+    """The stdlib corpus slices, in memory, when the base or the data needs them (written only
+    once every check has passed)."""
     needs_base = isinstance(preset.base, TinyBase) and not args.base_model
     needs_data = isinstance(preset.data, TinyCorpus) and not args.local_files
     if not (needs_base or needs_data):
         return None
     corpus = preset.data if isinstance(preset.data, TinyCorpus) else TinyCorpus()
-    directory = run_dir.checkpoints / "tiny-corpus"
-    with training_args.main_process_first(desc="writing the tiny corpus"):
-        if training_args.process_index == 0:
-            write_tiny_corpus(corpus, directory)
-    return {name: str(directory / f"{name}.txt") for name in ("base", *SPLITS)}
+    return tiny_corpus_slices(corpus.max_chars)
 
 
 def _experiment_data(preset, args, corpus, tokenizer, block_size, training_args):
     """Packed train/validation/test blocks and a description of where the text came from."""
-    if args.local_files:
-        files = args.local_files
-        dataset = {"source": "local", "name": Path(args.train_file).stem, "files": files}
-    elif isinstance(preset.data, TinyCorpus):
-        files, dataset = {split: corpus[split] for split in SPLITS}, preset.data.describe()
-    else:
-        files, dataset = None, preset.data.describe()
     with training_args.main_process_first(desc="tokenising the data"):
-        raw = load_text_files(files, block_size) if files else load_hub_text(preset.data)
+        if args.local_files:
+            raw = load_text_files(args.local_files, block_size)
+            dataset = {"source": "local", "name": Path(args.train_file).stem, "files": args.local_files}
+        elif isinstance(preset.data, TinyCorpus):
+            raw, dataset = text_splits({split: corpus[split] for split in SPLITS}), preset.data.describe()
+        else:
+            raw, dataset = load_hub_text(preset.data), preset.data.describe()
         blocks = pack_blocks(raw, tokenizer, block_size)
     dataset = {**dataset, "block_size": block_size, **{f"{split}_blocks": len(blocks[split]) for split in SPLITS}}
     return blocks, dataset
 
 
-def _provenance(preset, args, grid, dataset) -> dict:
+def _provenance(preset, args, grid, dataset, hyperparameters, runs) -> dict:
     """Everything ``results.json`` records beside the runs: model, analysis, device, data, hyperparameters."""
     from transformers import AutoModelForCausalLM
 
     from ..analysis import analyze
     from ..env import device_description, versions
+    from ..rng import forked_rng
+    from .variant import analysis_shape
 
-    training_args = grid.training_args
     with torch.device("meta"):
         params = AutoModelForCausalLM.from_config(grid.config).num_parameters()
-    analysis = analyze(grid.config, seq_len=grid.block_size, batch_size=training_args.per_device_train_batch_size)
-    tiny_base = isinstance(preset.base, TinyBase) and not args.base_model
-    hyperparameters = {
-        "finetune_learning_rate": grid.learning_rates["finetune"],
-        "scratch_learning_rate": grid.learning_rates["scratch"],
-        "per_device_train_batch_size": training_args.per_device_train_batch_size,
-        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-        "world_size": training_args.world_size,
-        "block_size": grid.block_size,
-        "max_epochs": grid.max_epochs,
-        "early_stopping_patience": grid.early_stopping_patience,
-        "optimizer": _plain(training_args.optim),
-        "weight_decay": training_args.weight_decay,
-        "lr_scheduler_type": _plain(training_args.lr_scheduler_type),
-        "warmup_steps": training_args.warmup_steps,
-        "max_grad_norm": training_args.max_grad_norm,
-        "fp16": training_args.fp16,
-        "bf16": training_args.bf16,
-        "base_model": "tiny base, pretrained offline" if tiny_base else grid.base,
-    }
-    if tiny_base:
-        hyperparameters["tiny_base"] = {"vocab_size": preset.base.vocab_size,
-                                        "pretrain_epochs": preset.base.pretrain_epochs,
-                                        "pretrain_learning_rate": preset.base.pretrain_learning_rate}
+    # The card's S/K figures must be the variants' own: an analysed variant's summary, else the same
+    # analysis (a real model, the trainers' shape; a meta-device trace records other aten ops).
+    analysis = next((run["analysis"] for run in runs if run.get("analysis")), None)
+    if analysis is None:
+        with forked_rng(torch.device("cpu")):
+            model = AutoModelForCausalLM.from_config(grid.config, dtype=torch.float32)
+        analysis = analyze(model, **analysis_shape(grid)).summary()
     # A --base_model other than the preset's names the model; a local directory has no Hub id.
     model_name = Path(args.base_model).name if args.base_model else preset.model_name
     hf_id = None if Path(grid.base).exists() else grid.base
     return {"model_name": model_name, "hf_id": hf_id, "analysis": analysis, "params": params,
-            "seed": training_args.seed, "device": device_description(), "versions": versions(), "dataset": dataset,
-            "hyperparameters": hyperparameters}
+            "seed": grid.training_args.seed, "device": device_description(), "versions": versions(),
+            "dataset": dataset, "hyperparameters": hyperparameters}
 
 
 def _given_or(value, default):
     """A flag's value, or the preset's when the flag was not given (0 is a given value)."""
     return default if value is None else value
-
-
-def _plain(value):
-    """An enum's value (TrainingArguments turns some strings into enums), anything else as is."""
-    return getattr(value, "value", value)

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import BWSKError
 from ..layout import RESULTS
 from .cards import card_files
-from .run import Run, load_run
+from .run import Run, load_run, unpublishable
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,14 @@ class PushResult:
         verb = "would push" if self.dry_run else "pushed"
         lines.append(f"{len(self.files)} files, {self.total_bytes:,d} B: {verb} to {self.repo_id}@{self.revision}")
         return "\n".join(lines)
+
+
+def check_publishable(run: Run, allow_diverged: bool) -> None:
+    """Refuse a run with a diverged variant or non-finite weights unless the user says to publish it anyway."""
+    problems = None if allow_diverged else unpublishable(run)
+    if problems:
+        raise BWSKError(f"{run.run_dir} is not fit to publish: {problems}; retrain those variants, "
+                        "or pass --allow-diverged (allow_diverged=True) to publish it as it is")
 
 
 def repo_files(run_dir: "str | Path | Run", *, repo_id: str | None = None, license: str = "mit") -> list[RepoFile]:
@@ -146,6 +154,10 @@ def _remote_step(step: str, call, repo_id: str):
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "no answer"
         server_says = (error.server_message or str(error)).strip().splitlines()[0]
+        if status in (401, 403):  # retrying cannot help: the token may not write there
+            raise BWSKError(f"push to {repo_id} refused during {step} (HTTP {status}: {server_says}): the token "
+                            "lacks write access to that repo; use a token with write access to it, or push to "
+                            "your own namespace") from None
         raise BWSKError(f"push to {repo_id} failed during {step} (HTTP {status}: {server_says}); "
                         "nothing was committed, run the push again") from None
     except Exception as error:  # failed LFS uploads (wrapped in RuntimeError), transport errors
@@ -171,23 +183,25 @@ def _refuse_token_in_files(files: list[RepoFile], token: str) -> None:
 
 def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          commit_message: str = DEFAULT_COMMIT_MESSAGE, token: str | None = None, dry_run: bool = False,
-         endpoint: str | None = None, license: str = "mit") -> PushResult:
+         endpoint: str | None = None, license: str = "mit", allow_diverged: bool = False) -> PushResult:
     """Publish a run directory as one Hub repo with six variant subfolders, in a single atomic commit.
 
     ``repo_id`` is ``namespace/name`` (a bare name goes to the token's account). ``private`` applies
     when the repo is created; an existing repo keeps its visibility. ``revision`` is a branch, created
     from main if needed. ``dry_run`` checks and lists every file and its size without any network call.
-    ``endpoint`` defaults to ``HF_ENDPOINT`` / huggingface.co.
+    ``endpoint`` defaults to ``HF_ENDPOINT`` / huggingface.co. A run with a diverged variant or
+    non-finite weights is refused unless ``allow_diverged``.
     """
     check_repo_id(repo_id)
     revision = revision or "main"
+    run = load_run(run_dir)  # a bad run directory is refused before the network is touched
+    check_publishable(run, allow_diverged)
     if dry_run:
-        files = repo_files(run_dir, repo_id=repo_id, license=license)
+        files = repo_files(run, repo_id=repo_id, license=license)
         return PushResult(repo_id, revision, [(f.path_in_repo, f.size) for f in files], dry_run=True, private=private)
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    run = load_run(run_dir)  # a bad run directory is refused before the network is touched
     token = _resolve_token(token)
     api = HfApi(endpoint=endpoint, token=token)
     account = _who(api, token)

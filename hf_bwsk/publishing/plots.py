@@ -49,11 +49,16 @@ def loss_curves_png(records: list[dict]) -> bytes:
         for record in group:
             mode = record["mode"]
             style = {"color": MODE_COLORS[mode], "linewidth": MODE_WIDTHS[mode], "alpha": 0.8}
-            train = record.get("loss_curve") or []
-            val = record.get("val_curve") or []
-            ax.plot([p["step"] for p in train], [p["loss"] for p in train], label=f"{MODE_LABELS[mode]} train", **style)
+            # Non-finite losses were written as null: they are left out, never drawn as numbers.
+            train = [p for p in record.get("loss_curve") or [] if p.get("loss") is not None]
+            val = [p for p in record.get("val_curve") or [] if p.get("loss") is not None]
+            label = MODE_LABELS[mode]
+            if record.get("diverged"):
+                label += f" (diverged at step {record['diverged']['step']})"
+                ax.axvline(record["diverged"]["step"], color=MODE_COLORS[mode], linestyle=":")
+            ax.plot([p["step"] for p in train], [p["loss"] for p in train], label=f"{label} train", **style)
             ax.plot([p["step"] for p in val], [p["loss"] for p in val], linestyle="--", marker="o",
-                    markersize=2 + MODE_WIDTHS[mode], label=f"{MODE_LABELS[mode]} val", **style)
+                    markersize=2 + MODE_WIDTHS[mode], label=f"{label} val", **style)
         ax.set_title(EXPERIMENT_LABELS.get(experiment, str(experiment)))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")

@@ -9,13 +9,14 @@ from ..formatting import fmt_memory, results_table, saved_fraction
 from ..layout import EXPERIMENT_LABELS, EXPERIMENTS
 
 
-def assemble_results(*, preset, model_name: str, hf_id: str | None, runs: list[dict], analysis, params: int,
+def assemble_results(*, preset, model_name: str, hf_id: str | None, runs: list[dict], analysis: dict, params: int,
                      seed: int, device: str, versions: dict, dataset: dict, hyperparameters: dict) -> dict:
     """``results.json`` of one grid: the model, its S/K analysis, the runs and their provenance.
 
-    ``hf_id`` is the Hub id of the fine-tune base, None when it came from a local directory.
+    ``hf_id`` is the Hub id of the fine-tune base, None when it came from a local directory;
+    ``analysis`` is the S/K report summary (``SKReport.summary()``) the variants recorded.
     """
-    ratios = analysis.ratios(by="count")
+    ratios = analysis["ratios"]["count"]
     return {
         "model_name": model_name,
         "slug": preset.slug,
@@ -25,7 +26,7 @@ def assemble_results(*, preset, model_name: str, hf_id: str | None, runs: list[d
         "s_ratio": ratios["S"],
         "k_ratio": ratios["K"],
         "gray_ratio": ratios["Gray"],
-        "analysis": analysis.summary(),
+        "analysis": analysis,
         "runs": runs,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
@@ -62,3 +63,14 @@ def format_tables(results: dict) -> str:
                           f"{fmt_memory(peaks['reversible'])} ({100 * saving:.1f}% saved, {kind})"]
         lines.append("")
     return "\n".join(lines)
+
+
+def divergence_summary(runs: list[dict]) -> str | None:
+    """One line naming every diverged variant and where, or None when none diverged."""
+    diverged = [run for run in runs if run.get("diverged")]
+    if not diverged:
+        return None
+    where = ", ".join(f"{run['variant']} at step {run['diverged']['step']} ({run['diverged']['metric']} "
+                      f"{run['diverged']['value']})" for run in diverged)
+    return (f"{len(diverged)} of {len(runs)} variants diverged: {where}; lower --learning_rate "
+            "(--scratch_learning_rate for scratch) and rerun them with --overwrite_output_dir")

@@ -109,3 +109,27 @@ def variant_files(folder: str | Path) -> list[Path]:
             _check_safetensors(path)
     extras = [folder / name for name in MODEL_FILES + TOKENIZER_FILES if (folder / name).is_file()]
     return sorted(weights + extras, key=lambda path: path.name)
+
+
+def unpublishable(run: Run) -> str | None:
+    """Why the run should not be published as is: its diverged variants and the variants whose
+    weights hold NaN or infinity (None when there is nothing to say)."""
+    problems = [f"{folder} diverged at step {record['diverged']['step']}"
+                for folder, record in run.variants.items() if record.get("diverged")]
+    problems += [f"{folder} has non-finite weights ({tensor})" for folder, tensor in _non_finite_weights(run)]
+    return "; ".join(problems) or None
+
+
+def _non_finite_weights(run: Run):
+    """(variant, first tensor holding NaN or inf) for each variant whose safetensors weights have one."""
+    import torch
+    from safetensors import safe_open
+
+    for folder, paths in run.files.items():
+        for path in (path for path in paths if path.suffix == ".safetensors"):
+            with safe_open(path, framework="pt") as weights:
+                bad = next((name for name in weights.keys()
+                            if not torch.isfinite(weights.get_tensor(name)).all()), None)
+            if bad is not None:
+                yield folder, bad
+                break

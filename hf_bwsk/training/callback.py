@@ -21,8 +21,19 @@ from ..memory import FirstStepMemory
 _MB = 2**20
 
 
+# What may go non-finite in a log before a run is stopped as diverged.
+WATCHED_LOGS = ("loss", "grad_norm", "eval_loss")
+
+
 def _precision(args) -> str:
-    return "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    """The autocast precision the run actually used (the flags only ask for one)."""
+    from accelerate.state import AcceleratorState
+
+    mixed = str(AcceleratorState().mixed_precision) if AcceleratorState._shared_state else "no"
+    # accelerate accepts fp16 on a CPU but does not autocast there (its native_amp stays off): fp32 runs.
+    if mixed == "no" or (mixed == "fp16" and torch.device(args.device).type == "cpu"):
+        return "fp32"
+    return mixed
 
 
 def _device(args) -> str:
@@ -33,7 +44,9 @@ def _device(args) -> str:
 
 
 def perplexity(mean_nll: float) -> float:
-    """exp of a token-weighted mean negative log-likelihood (inf where exp overflows)."""
+    """exp of a token-weighted mean negative log-likelihood (inf where exp overflows, NaN stays NaN)."""
+    if math.isnan(mean_nll):
+        return math.nan
     return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
@@ -48,11 +61,15 @@ class BWSKCallback(TrainerCallback):
     first step keeps for backward), tokens/s, wall time, epochs, loss and eval curves, NaN count,
     seed, mode, precision, device, versions, hyperparameters and, with `BWSKTrainer`, the S/K/Gray
     ratios and the reversible mode's status.
+
+    A run whose logged loss, gradient norm or eval loss is not finite is stopped there (every later
+    step would be wasted) and recorded as ``diverged``: the step, the metric and its value.
     """
 
     def __init__(self):
         self.analysis: dict | None = None
         self.reversible: dict | None = None
+        self.diverged: dict | None = None  # {"step", "metric", "value"} of the first non-finite log
 
     def set_analysis(self, summary: dict) -> None:
         """The S/K report summary (`SKReport.summary()`) of the trained model."""
@@ -64,6 +81,9 @@ class BWSKCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._start = time.perf_counter()
+        self.diverged = None
+        # Trainer has loaded a resumed run's state by now: a run starting past step 0 resumed.
+        self._resumed = state.global_step > 0
         self._tokens = 0
         self._seq_len = None
         self._cuda = torch.device(args.device).type == "cuda"
@@ -81,6 +101,18 @@ class BWSKCallback(TrainerCallback):
         self._seq_len = self._seq_len or int(input_ids.shape[-1])
         mask = kwargs.get("attention_mask")
         self._tokens += int(mask.sum()) if torch.is_tensor(mask) else input_ids.numel()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Stop a run whose loss or gradient norm went non-finite: every step after it is wasted."""
+        if self.diverged is not None:
+            return
+        for metric in WATCHED_LOGS:
+            value = (logs or {}).get(metric)
+            value = value.item() if torch.is_tensor(value) else value
+            if isinstance(value, (int, float)) and not _finite(value):
+                self.diverged = {"step": state.global_step, "metric": metric, "value": str(float(value))}
+                control.should_training_stop = True
+                return
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         wall_time = time.perf_counter() - self._start
@@ -125,7 +157,7 @@ class BWSKCallback(TrainerCallback):
             "metric_name": "perplexity",
             "epochs_completed": state.epoch,
             "total_steps": state.global_step,
-            "early_stopped": state.global_step < state.max_steps,
+            "early_stopped": self.diverged is None and state.global_step < state.max_steps,
             "wall_time_s": wall_time,
             "tokens_per_s": world_tokens / wall_time if wall_time > 0 else None,
             "peak_memory_mb": peak_mb,
@@ -134,6 +166,8 @@ class BWSKCallback(TrainerCallback):
             "loss_curve": [{"step": step, "loss": loss} for step, loss in losses],
             "val_curve": val_curve,
             "nan_count": sum(not _finite(loss) for _, loss in losses) + sum(not _finite(e["loss"]) for e in val_curve),
+            "diverged": self.diverged,
+            "resumed": self._resumed,
             "seed": args.seed,
             "device": _device(args),
             "precision": _precision(args),

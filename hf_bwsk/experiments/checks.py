@@ -1,0 +1,118 @@
+"""What a grid run checks before it writes or trains anything: contradicting flags, the precision
+the device can run, the reversible mode's memory budget, and the identity a resumed run must match.
+
+Each failure is a one-line ``BWSKError`` naming the fix (the data sizes are checked where the text
+is tokenised, :func:`hf_bwsk.experiments.data.pack_blocks`).
+"""
+
+import torch
+
+from ..errors import BWSKError
+from ..training.args import BWSKTrainingArguments
+from .args import ExperimentArguments
+from .presets import Preset, TinyBase
+
+# TrainingArguments fields that change what a variant learns or records; a resumed run must keep them.
+TRAINING_FIELDS = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "optim",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type", "warmup_steps",
+    "max_grad_norm", "max_steps", "fp16", "bf16", "logging_steps", "eval_strategy", "eval_steps", "save_strategy",
+    "save_steps", "data_seed", "bwsk_loss_chunk_size", "bwsk_memory_budget", "bwsk_analysis_seq_len",
+)
+
+
+def effective_hyperparameters(preset: Preset, args: ExperimentArguments, training_args: BWSKTrainingArguments,
+                              block_size: int) -> dict:
+    """Every setting the variants train with, flags and preset defaults resolved (JSON values)."""
+    tiny_base = isinstance(preset.base, TinyBase) and not args.base_model
+    found = {
+        "finetune_learning_rate": training_args.learning_rate,
+        "scratch_learning_rate": _given_or(args.scratch_learning_rate, preset.scratch_learning_rate),
+        "block_size": block_size,
+        "max_epochs": _given_or(args.max_epochs, preset.max_epochs),
+        "early_stopping_patience": args.early_stopping_patience,
+        "world_size": training_args.world_size,
+        "base_model": "tiny base, pretrained offline" if tiny_base else (args.base_model or preset.base),
+        "data_files": args.local_files,
+        **{name: _plain(getattr(training_args, name)) for name in TRAINING_FIELDS},
+    }
+    if tiny_base:
+        found["tiny_base"] = {"vocab_size": preset.base.vocab_size, "pretrain_epochs": preset.base.pretrain_epochs,
+                              "pretrain_learning_rate": preset.base.pretrain_learning_rate}
+    return found
+
+
+def run_identity(preset: Preset, training_args: BWSKTrainingArguments, hyperparameters: dict) -> dict:
+    """What the marker records and ``--resume`` compares: recipe, preset, seed and every hyperparameter."""
+    return {"recipe": preset.slug, "preset": preset.name, "seed": training_args.seed, **hyperparameters}
+
+
+def check_flags(args: ExperimentArguments, training_args: BWSKTrainingArguments) -> None:
+    """Refuse flags that contradict each other or the device (precision)."""
+    if training_args.bwsk_memory_budget is not None and "reversible" not in args.modes:
+        raise BWSKError(f"--bwsk_memory_budget applies to the reversible mode, which --modes "
+                        f"{','.join(args.modes)} leaves out; add reversible to --modes or drop the budget")
+    check_precision(training_args)
+
+
+def check_precision(training_args: BWSKTrainingArguments) -> None:
+    """AMP float16 runs only on CUDA here; asking for it elsewhere would train in fp32 and say fp16."""
+    if training_args.fp16 and not torch.cuda.is_available():
+        raise BWSKError("--fp16 needs a CUDA GPU and this machine has none (the run would train in fp32); "
+                        "drop --fp16, or pass --bf16 true --use_cpu true for bfloat16 AMP on the CPU")
+
+
+def check_memory_budget(config, training_args: BWSKTrainingArguments, block_size: int, modes: tuple) -> None:
+    """Refuse a ``--bwsk_memory_budget`` below what checkpointing keeps at the least (the decoder-layer
+    inputs of one batch), measured on the meta device at the run's shape before any training."""
+    budget = training_args.bwsk_memory_budget_bytes
+    if budget is None or "reversible" not in modes:
+        return
+    minimum = decoder_layer_input_bytes(config, training_args.per_device_train_batch_size, block_size)
+    if budget < minimum:
+        raise BWSKError(
+            f"--bwsk_memory_budget {budget:,} bytes is below the minimum {minimum:,} bytes (the decoder-layer "
+            f"inputs of a batch of {training_args.per_device_train_batch_size} x {block_size}, kept even when "
+            "everything is recomputed): raise it to at least that"
+        )
+
+
+def decoder_layer_input_bytes(config, batch_size: int, seq_len: int) -> int:
+    """Bytes of the tensors entering every decoder layer in one forward, traced on the meta device
+    (what ``memory.plan.plan_recompute`` calls the minimum)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..analysis import find_decoder_layers
+    from ..analysis.trace import trace_call
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    layers_path, layers = find_decoder_layers(model)
+    seen = [0]
+
+    def count(module, inputs):
+        seen[0] += sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
+
+    def forward(ids):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
+    handles = [layer.register_forward_pre_hook(count) for layer in layers]
+    try:
+        # The analysis' tracer runs the meta forward as the analysis does (values meta tensors lack included).
+        trace_call(forward, torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta"),
+                   model=model, layers_path=layers_path)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen[0]
+
+
+def _given_or(value, default):
+    """A flag's value, or the preset's when the flag was not given (0 is a given value)."""
+    return default if value is None else value
+
+
+def _plain(value):
+    """An enum's value (TrainingArguments turns some strings into enums), anything else as is."""
+    value = getattr(value, "value", value)
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
