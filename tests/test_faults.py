@@ -291,6 +291,7 @@ def test_results_record_the_precision_that_ran(tmp_path, flags, expected):
     from tiny_models import tiny_batch, tiny_model
 
     from hf_bwsk.training.args import BWSKTrainingArguments
+    from hf_bwsk.training.callback import BWSKCallback
     from hf_bwsk.training.trainer import BWSKTrainer
 
     if torch.cuda.is_available():
@@ -298,7 +299,8 @@ def test_results_record_the_precision_that_ran(tmp_path, flags, expected):
     data = [{key: value[0] for key, value in tiny_batch(1, 16, seed=i).items()} for i in range(4)]
     args = BWSKTrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
                                  save_strategy="no", disable_tqdm=True, use_cpu=True, **flags)
-    BWSKTrainer(model=tiny_model("gpt_neox"), args=args, train_dataset=data).train()
+    # conventional mode adds no callback of its own: ask for the results file
+    BWSKTrainer(model=tiny_model("gpt_neox"), args=args, train_dataset=data, callbacks=[BWSKCallback()]).train()
     assert strict_json(tmp_path / "training_results.json")["precision"] == expected
 
 
