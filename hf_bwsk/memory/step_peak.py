@@ -63,7 +63,7 @@ class StepPeakTracker(TorchDispatchMode):
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
         self._live_bytes = 0
         self.peak_bytes = 0
-        self.peak_storages: dict[int, int] = {}
+        self.peak_storages: dict[int, tuple[StorageWeakRef, int]] = {}
         self.peak_op = "<start>"
         self.peak_phase = "forward"
         self._backward_seen = False
@@ -105,7 +105,9 @@ class StepPeakTracker(TorchDispatchMode):
         self._backward_seen = self._backward_seen or in_backward
         if self._live_bytes > self.peak_bytes:
             self.peak_bytes = self._live_bytes
-            self.peak_storages = {cdata: nbytes for cdata, (_, nbytes) in self._live.items()}
+            # The copy keeps the weak references: while it lives no later storage can take these addresses,
+            # so the storages at the peak can be told apart at the end of the step.
+            self.peak_storages = dict(self._live)
             self.peak_op = op
             self.peak_phase = "backward" if in_backward else "after_backward" if self._backward_seen else "forward"
 
@@ -147,10 +149,12 @@ def step_peak(
     gc.collect()  # dead reference cycles from earlier steps would otherwise count at random
     tracker = StepPeakTracker()
     weights, grads, state = _state_tensors(model, optimizer)
-    grad_sizes = {_storage_id(g): g.untyped_storage().nbytes() for g in grads}
+    grad_ids = _storage_ids(grads)
+    grad_sizes = {id(p): p.grad.untyped_storage().nbytes() for p in weights if p.grad is not None}
 
     def note_grad(param):
-        grad_sizes[_storage_id(param.grad)] = param.grad.untyped_storage().nbytes()
+        grad_ids.add(_storage_id(param.grad))
+        grad_sizes[id(param)] = param.grad.untyped_storage().nbytes()
 
     # The step may free its gradients (zero_grad) before it returns: note each one as backward fills it.
     handles = [p.register_post_accumulate_grad_hook(note_grad)
@@ -164,21 +168,22 @@ def step_peak(
         for handle in handles:
             handle.remove()
     _, grads, state = _state_tensors(model, optimizer)
-    grad_sizes.update({_storage_id(g): g.untyped_storage().nbytes() for g in grads})
-    return _attribute(tracker, _storage_ids(weights), grad_sizes, _storage_ids(state))
+    grad_sizes.update({id(p): p.grad.untyped_storage().nbytes() for p in weights if p.grad is not None})
+    return _attribute(tracker, _storage_ids(weights), grad_ids | _storage_ids(grads), _storage_ids(state),
+                      sum(grad_sizes.values()))
 
 
-def _attribute(tracker: StepPeakTracker, weight_ids: set[int], grad_sizes: dict[int, int],
-               state_ids: set[int]) -> StepPeak:
+def _attribute(tracker: StepPeakTracker, weight_ids: set[int], grad_ids: set[int], state_ids: set[int],
+               grad_bytes: int) -> StepPeak:
     """Split the live storages at the peak into weights, grads, optimizer state and the rest."""
     parts = {"weight": 0, "grad": 0, "optimizer": 0}
-    for cdata, nbytes in tracker.peak_storages.items():
-        part = "weight" if cdata in weight_ids else "grad" if cdata in grad_sizes else (
+    for cdata, (_, nbytes) in tracker.peak_storages.items():
+        part = "weight" if cdata in weight_ids else "grad" if cdata in grad_ids else (
             "optimizer" if cdata in state_ids else None)
         if part is not None:
             parts[part] += nbytes
     # Every gradient the step produced counts once at its size, alive at the end or not.
-    state_bytes = tracker.live_bytes_of(weight_ids | state_ids) + sum(grad_sizes.values())
+    state_bytes = tracker.live_bytes_of(weight_ids | state_ids) + grad_bytes
     return StepPeak(
         peak_bytes=tracker.peak_bytes,
         weight_bytes=parts["weight"],
