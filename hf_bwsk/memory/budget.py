@@ -84,3 +84,72 @@ def training_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if isinstance(optimizer, torch.optim.SGD) and not optimizer.defaults.get("momentum"):
         factor = 0
     return TrainingStateBytes(weights, trainable, factor * trainable)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What the peak model needs of one step beside the plan: the training state and the transients.
+
+    ``outside_bytes``: activations the model keeps outside the decoder layers (embeddings, final
+    norm); ``layer_bytes``: the most one layer holds while its backward runs (every output of the
+    layer recomputed at once); ``loss_bytes``: the fused loss' own buffers beside the kept
+    activations (final hidden states and their gradient, one logits chunk and its temporaries);
+    ``head_grad_bytes``: the head-weight gradient, alive from the loss to the optimizer step;
+    ``hidden_bytes``: one [tokens x hidden] tensor (gradients flowing between layers).
+    """
+
+    state: TrainingStateBytes
+    outside_bytes: int
+    layer_bytes: int
+    loss_bytes: int
+    head_grad_bytes: int
+    hidden_bytes: int
+
+
+def step_shape(trace, state: TrainingStateBytes, head_weight: torch.Tensor, chunk_tokens: int) -> StepShape:
+    """The `StepShape` of a training step on the traced batch (`layer_trace.LayerTrace`)."""
+    records, batch = trace.records, trace.batch_size
+    per_layer: dict[int, int] = {}
+    outside = 0
+    for record in records:
+        if record.layer is None:
+            outside += record.output_bytes * batch
+        else:
+            per_layer[record.layer] = per_layer.get(record.layer, 0) + record.output_bytes * batch
+    hidden_bytes = max(trace.layer_input_bytes, default=0) * batch
+    vocab, hidden = head_weight.shape
+    tokens = hidden_bytes // max(hidden * head_weight.element_size(), 1)
+    accumulate_size = 4 if head_weight.dtype in (torch.float16, torch.bfloat16) else head_weight.element_size()
+    chunk = min(chunk_tokens, max(tokens, 1))
+    # final hidden states + their gradient, the fp32 logits chunk, the chunk's hidden rows and its grad rows
+    loss_bytes = 2 * hidden_bytes + chunk * vocab * 4 + 2 * chunk * hidden * 4
+    return StepShape(state, outside, max(per_layer.values(), default=0), loss_bytes,
+                     vocab * hidden * accumulate_size, hidden_bytes)
+
+
+def predict_step_peak(kept_bytes: int, shape: StepShape) -> int:
+    """The predicted whole-step peak of a plan keeping ``kept_bytes`` in the decoder layers (module docstring)."""
+    return max(kept_bytes + _beside_kept_bytes(shape), shape.state.total)
+
+
+def _beside_kept_bytes(shape: StepShape) -> int:
+    """What is alive beside the kept activations at the larger of the loss and the last layer's backward."""
+    resident = shape.state.weights + shape.state.optimizer + shape.outside_bytes + shape.head_grad_bytes
+    return resident + max(shape.loss_bytes, shape.layer_bytes + 2 * shape.hidden_bytes)
+
+
+def kept_bytes_budget(peak_budget: int, shape: StepShape, minimum_kept_bytes: int) -> int:
+    """The bytes the decoder layers may keep so that the predicted peak stays within ``peak_budget``.
+
+    A budget below the peak of full recomputation (the least any plan reaches) is a `BWSKError`
+    that names that minimum.
+    """
+    minimum_peak = predict_step_peak(minimum_kept_bytes, shape)
+    if peak_budget < minimum_peak:
+        raise BWSKError(
+            f"bwsk_memory_budget {peak_budget / 2**20:,.0f} MiB is below the least whole-step peak of this "
+            f"model and batch, {minimum_peak / 2**20:,.0f} MiB (every layer recomputed; weights, gradients and "
+            f"optimizer state {shape.state.total / 2**20:,.0f} MiB): raise it to at least "
+            f"{-(-minimum_peak // 2**20)}MiB or train a smaller batch"
+        )
+    return peak_budget - _beside_kept_bytes(shape)

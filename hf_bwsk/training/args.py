@@ -58,11 +58,12 @@ class BWSKTrainingArguments(TrainingArguments):
             "choices": list(BWSK_MODES),
         },
     )
-    bwsk_loss_chunk_size: int = field(
-        default=1024,
+    bwsk_loss_chunk_size: int | None = field(
+        default=None,
         metadata={
-            "help": "Reversible mode: tokens per chunk of the fused linear cross-entropy. Smaller chunks hold "
-            "fewer logits at a time ([chunk x vocab]); larger ones run fewer, bigger matmuls."
+            "help": "Reversible mode: tokens per chunk of the fused linear cross-entropy, which holds one "
+            "[chunk x vocab] fp32 buffer at a time. Unset: chosen per batch from the vocab and hidden size, "
+            "so that the buffer stays within a few times the batch's hidden states."
         },
     )
     bwsk_memory_budget: str | None = field(
@@ -92,7 +93,7 @@ class BWSKTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.bwsk_mode not in BWSK_MODES:
             raise BWSKError(f"unknown bwsk_mode {self.bwsk_mode!r}: choose one of {', '.join(BWSK_MODES)}")
-        if self.bwsk_loss_chunk_size < 1:
+        if self.bwsk_loss_chunk_size is not None and self.bwsk_loss_chunk_size < 1:
             raise BWSKError(f"bwsk_loss_chunk_size must be >= 1, got {self.bwsk_loss_chunk_size}")
         if self.bwsk_analysis_seq_len < 2:
             raise BWSKError(f"bwsk_analysis_seq_len must be >= 2, got {self.bwsk_analysis_seq_len}")
