@@ -15,6 +15,7 @@ from .measure import (
     LiveStorageTracker,
     MemoryMeasurement,
     StepPeak,
+    StepPeakRecorder,
     bytes_kept_for_backward,
     count_train_flops,
     cuda_step_peak,
@@ -24,6 +25,6 @@ from .plan import OpKey, RecomputePlan, plan_recompute
 
 __all__ = [
     "FirstStepMemory", "LiveStorageTracker", "MemoryMeasurement", "OpKey", "RecomputePlan", "ReversibleMode",
-    "StepPeak", "bytes_kept_for_backward", "count_train_flops", "cuda_step_peak", "step_peak", "fused_linear_cross_entropy", "head_grad_buffers",
+    "StepPeak", "StepPeakRecorder", "bytes_kept_for_backward", "count_train_flops", "cuda_step_peak", "step_peak", "fused_linear_cross_entropy", "head_grad_buffers",
     "plan_recompute",
 ]

@@ -109,9 +109,14 @@ class StepShape:
 def step_shape(trace, state: TrainingStateBytes, head_weight: torch.Tensor, chunk_tokens: int) -> StepShape:
     """The `StepShape` of a training step on the traced batch (`layer_trace.LayerTrace`)."""
     records, batch = trace.records, trace.batch_size
-    per_layer: dict[int, int] = {}
+    # What backward needs of a layer once it is recomputed: the outputs of its matmuls (FLOPs) and of
+    # its K ops (whose backward reads their output or input), besides its input. Element-wise S ops'
+    # outputs are transients freed in forward.
+    per_layer = {index: size * batch for index, size in enumerate(trace.layer_input_bytes)}
     outside = 0
     for record in records:
+        if not (record.flops > 0 or (record.kind == "K" and not record.relabels)):
+            continue
         if record.layer is None:
             outside += record.output_bytes * batch
         else:

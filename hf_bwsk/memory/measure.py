@@ -23,10 +23,16 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .loss import head_grad_buffers
-from .step_peak import StepPeak, StepPeakTracker, cuda_step_peak, step_peak
+from .step_peak import (
+    StepPeak,
+    StepPeakRecorder,
+    StepPeakTracker,
+    cuda_step_peak,
+    step_peak,
+)
 
 __all__ = [
-    "FirstStepMemory", "LiveStorageTracker", "MemoryMeasurement", "StepPeak", "StepPeakTracker",
+    "FirstStepMemory", "LiveStorageTracker", "MemoryMeasurement", "StepPeak", "StepPeakRecorder", "StepPeakTracker",
     "bytes_kept_for_backward", "count_train_flops", "cuda_step_peak", "step_peak",
 ]
 

@@ -134,6 +134,46 @@ def _storage_ids(tensors: Iterable[torch.Tensor]) -> set[int]:
     return {_storage_id(t) for t in tensors}
 
 
+class StepPeakRecorder:
+    """`step_peak` from hooks and callbacks: ``start()`` before a step's forward, ``stop()`` after its optimizer step.
+
+    ``model``'s parameters and buffers and ``optimizer``'s parameters, gradients and state are counted
+    from the start even before an op touches them, and are told apart from activations at the peak.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None):
+        self.model, self.optimizer = model, optimizer
+        self._tracker: StepPeakTracker | None = None
+
+    def start(self) -> StepPeakRecorder:
+        gc.collect()  # dead reference cycles from earlier steps would otherwise count at random
+        self._tracker = StepPeakTracker()
+        self._weights, grads, state = _state_tensors(self.model, self.optimizer)
+        self._grad_ids = _storage_ids(grads)
+        self._grad_sizes = {id(p): p.grad.untyped_storage().nbytes() for p in self._weights if p.grad is not None}
+        # The step may free its gradients (zero_grad) before it ends: note each one as backward fills it.
+        self._handles = [p.register_post_accumulate_grad_hook(self._note_grad) for p in dict.fromkeys(self._weights)
+                         if isinstance(p, torch.nn.Parameter) and p.requires_grad]
+        self._tracker.__enter__()
+        self._tracker.seed([*self._weights, *grads, *state])
+        return self
+
+    def _note_grad(self, param: torch.nn.Parameter) -> None:
+        self._grad_ids.add(_storage_id(param.grad))
+        self._grad_sizes[id(param)] = param.grad.untyped_storage().nbytes()
+
+    def stop(self) -> StepPeak:
+        tracker, self._tracker = self._tracker, None
+        tracker.__exit__(None, None, None)
+        for handle in self._handles:
+            handle.remove()
+        _, grads, state = _state_tensors(self.model, self.optimizer)
+        self._grad_sizes.update({id(p): p.grad.untyped_storage().nbytes() for p in self._weights if p.grad is not None})
+        weights, self._weights = self._weights, []
+        return _attribute(tracker, _storage_ids(weights), self._grad_ids | _storage_ids(grads), _storage_ids(state),
+                          sum(self._grad_sizes.values()))
+
+
 def step_peak(
     fn: Callable[[], Any],
     *,
@@ -146,31 +186,12 @@ def step_peak(
     from the start even before an op touches them, and are told apart from activations at the peak.
     Deterministic for a seeded model on any device, so it may be asserted in tests.
     """
-    gc.collect()  # dead reference cycles from earlier steps would otherwise count at random
-    tracker = StepPeakTracker()
-    weights, grads, state = _state_tensors(model, optimizer)
-    grad_ids = _storage_ids(grads)
-    grad_sizes = {id(p): p.grad.untyped_storage().nbytes() for p in weights if p.grad is not None}
-
-    def note_grad(param):
-        grad_ids.add(_storage_id(param.grad))
-        grad_sizes[id(param)] = param.grad.untyped_storage().nbytes()
-
-    # The step may free its gradients (zero_grad) before it returns: note each one as backward fills it.
-    handles = [p.register_post_accumulate_grad_hook(note_grad)
-               for p in dict.fromkeys(weights) if isinstance(p, torch.nn.Parameter) and p.requires_grad]
+    recorder = StepPeakRecorder(model, optimizer).start()
     try:
-        with tracker:
-            tracker.seed([*weights, *grads, *state])
-            del grads, state
-            fn()
+        fn()
     finally:
-        for handle in handles:
-            handle.remove()
-    _, grads, state = _state_tensors(model, optimizer)
-    grad_sizes.update({id(p): p.grad.untyped_storage().nbytes() for p in weights if p.grad is not None})
-    return _attribute(tracker, _storage_ids(weights), grad_ids | _storage_ids(grads), _storage_ids(state),
-                      sum(grad_sizes.values()))
+        peak = recorder.stop()
+    return peak
 
 
 def _attribute(tracker: StepPeakTracker, weight_ids: set[int], grad_ids: set[int], state_ids: set[int],
