@@ -132,7 +132,10 @@ def measure(shape: str, mode: str, budget: int | None = None) -> dict:
     def step():
         loss = model(**batch)["loss"]
         loss.backward()
+        # Drop the loss before the optimizer step, as Trainer does (it returns `loss.detach()`): its graph
+        # would keep checkpointing's bookkeeping alive through the step.
         losses.append(loss.item())
+        del loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -152,7 +152,7 @@ def kept_bytes_budget(peak_budget: int, shape: StepShape, minimum_kept_bytes: in
     minimum_peak = predict_step_peak(minimum_kept_bytes, shape)
     if peak_budget < minimum_peak:
         raise BWSKError(
-            f"bwsk_memory_budget {peak_budget / 2**20:,.0f} MiB is below the least whole-step peak of this "
+            f"bwsk_memory_budget {peak_budget / 2**20:,.0f} MiB is below the minimum whole-step peak of this "
             f"model and batch, {minimum_peak / 2**20:,.0f} MiB (every layer recomputed; weights, gradients and "
             f"optimizer state {shape.state.total / 2**20:,.0f} MiB): raise it to at least "
             f"{-(-minimum_peak // 2**20)}MiB or train a smaller batch"
