@@ -7,7 +7,8 @@ gives, all deterministic:
 * the whole-step peak (`hf_bwsk.memory.step_peak`: live storages after every op, weights, grads and
   optimizer state included), split into training state and activations/transients;
 * bytes kept for backward after the forward (`FirstStepMemory`);
-* matmul/attention FLOPs of forward + backward, recompute included (`torch.utils.flop_counter`);
+* matmul/attention FLOPs of forward + backward, recompute included (`torch.utils.flop_counter`, in a
+  separate pass: its module hooks would keep checkpointed tensors alive through the measured step);
 * CPU wall time of that step: noisy (trackers running, cores shared), never a result on its own.
 
 Modes: conventional; HF activation checkpointing of every layer and of every 2nd layer; HF
@@ -116,9 +117,7 @@ def create_adam_state(model, optimizer) -> None:
 
 def measure(shape: str, mode: str, budget: int | None = None) -> dict:
     """One mode on a fresh model from the same seed: one tracked training step."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from hf_bwsk.memory import FirstStepMemory, step_peak
+    from hf_bwsk.memory import FirstStepMemory, count_train_flops, step_peak
 
     model = build(shape)
     batch_size, seq_len = SHAPES[shape]
@@ -140,13 +139,16 @@ def measure(shape: str, mode: str, budget: int | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     start = time.perf_counter()
-    with FlopCounterMode(display=False) as flops:
-        peak = step_peak(step, model=model, optimizer=optimizer)
+    peak = step_peak(step, model=model, optimizer=optimizer)
     seconds = time.perf_counter() - start
     kept.remove()
+    # FLOPs in a pass of their own: the counter's module tracker hooks keep checkpointed layers' tensors
+    # alive through the optimizer step, which would inflate the peak.
+    train_flops = count_train_flops(lambda: model(**batch)["loss"].backward())
+    model.zero_grad(set_to_none=True)
     # Kept bytes as activations only: the fused loss' head-weight gradient is the `.grad` every mode allocates.
     row = {"mode": mode, "loss": losses[0], "peak": peak.to_dict(), "kept_bytes": kept.measurement.activation_bytes,
-           "grad_buffer_bytes_kept": kept.measurement.grad_buffer_bytes, "train_flops": flops.get_total_flops(),
+           "grad_buffer_bytes_kept": kept.measurement.grad_buffer_bytes, "train_flops": train_flops,
            "cpu_step_s_noisy": seconds}
     if budget is not None:
         row["budget_bytes"] = budget

@@ -165,10 +165,13 @@ class FirstStepMemory:
         tracker.stop()
         loss = output.get("loss") if isinstance(output, dict) else None
         if loss is not None and loss.requires_grad:
-            node = loss.grad_fn  # not the tensor: its own hook would then keep it alive
+            # The node, not the tensor: its own hook would then keep it alive. Held in a list the hook
+            # empties: the hook lives on that node, and a closure still holding it would form a cycle that
+            # keeps the step's graph (and what checkpointing hangs on it) alive until the next gc.
+            held = [loss.grad_fn]
 
             def measure(grad):
-                self.measurement = tracker.live_bytes(node)
+                self.measurement = tracker.live_bytes(held.pop())
                 self.remove()
 
             loss.register_hook(measure)
