@@ -9,7 +9,8 @@ of three moments of a reversible step,
   own buffers (head gradient, hidden-state gradient, one chunk of logits);
 * the backward of the last layer: the same kept activations, the head gradient, and one layer's
   recomputed activations on top;
-* the optimizer step: weights + gradients + optimizer state (the floor of any plan);
+* the optimizer step: weights + gradients + optimizer state + the step's temporaries (the floor of
+  any plan);
 
 and the plan keeps the matmul outputs that save the most recompute FLOPs per byte while it fits.
 """
@@ -53,10 +54,16 @@ class TrainingStateBytes:
     weights: int
     grads: int
     optimizer: int
+    # The optimizer step's own temporaries: torch's per-tensor Adam holds two of the largest parameter's size.
+    step_transient: int = 0
 
     @property
     def total(self) -> int:
         return self.weights + self.grads + self.optimizer
+
+    @property
+    def optimizer_step_peak(self) -> int:
+        return self.total + self.step_transient
 
 
 # Optimizer state per trainable parameter byte, for optimizers whose state is created on their first step.
@@ -72,18 +79,19 @@ def training_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimize
     """
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    transient = 2 * max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0)
     if optimizer is None:
-        return TrainingStateBytes(weights, trainable, 2 * trainable)
+        return TrainingStateBytes(weights, trainable, 2 * trainable, transient)
     measured = sum(
         t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
         if torch.is_tensor(t) and t.dim() > 0
     )
     if measured:
-        return TrainingStateBytes(weights, trainable, measured)
+        return TrainingStateBytes(weights, trainable, measured, transient)
     factor = _STATE_PER_PARAM_BYTE.get(type(optimizer), 2)
     if isinstance(optimizer, torch.optim.SGD) and not optimizer.defaults.get("momentum"):
         factor = 0
-    return TrainingStateBytes(weights, trainable, factor * trainable)
+    return TrainingStateBytes(weights, trainable, factor * trainable, transient if factor else 0)
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,7 @@ def step_shape(trace, state: TrainingStateBytes, head_weight: torch.Tensor, chun
 
 def predict_step_peak(kept_bytes: int, shape: StepShape) -> int:
     """The predicted whole-step peak of a plan keeping ``kept_bytes`` in the decoder layers (module docstring)."""
-    return max(kept_bytes + _beside_kept_bytes(shape), shape.state.total)
+    return max(kept_bytes + _beside_kept_bytes(shape), shape.state.optimizer_step_peak)
 
 
 def _beside_kept_bytes(shape: StepShape) -> int:
