@@ -97,7 +97,8 @@ def test_card_shows_device_and_precision_the_run_used(tmp_path):
 
 def test_unmeasured_values_are_na_and_left_out_of_the_model_index(run_copy):
     edit_results(run_copy / "scratch-bwsk-analyzed", test_metric=None, test_loss=None)
-    edit_results(run_copy / "finetune-bwsk-reversible", peak_memory_mb=None, wall_time_s=None)
+    edit_results(run_copy / "finetune-bwsk-reversible", peak_memory_mb=None, activation_memory_mb=None,
+                 bytes_kept_for_backward=None, wall_time_s=None)
     results = json.loads((run_copy / "results.json").read_text())
     del results["analysis"]
     (run_copy / "results.json").write_text(json.dumps(results))
@@ -106,7 +107,7 @@ def test_unmeasured_values_are_na_and_left_out_of_the_model_index(run_copy):
     row = table_row(card_text, "From Scratch results", "BWSK Analyzed")
     assert row.split(" | ")[3] == "n/a"  # test perplexity
     row = table_row(card_text, "Fine-tune results", "BWSK Reversible")
-    assert row.split(" | ")[4:6] == ["n/a", "n/a"]  # peak memory, time
+    assert row.split(" | ")[4:7] == ["n/a", "n/a", "n/a"]  # peak memory, activations kept, time
     assert "| Fine-tune | 40.0 MB | n/a | n/a |" in card_text
     assert "This run recorded no S/K analysis (n/a)." in card_text
 
