@@ -88,7 +88,8 @@ class BWSKCallback(TrainerCallback):
         self._tokens += int(mask.sum()) if torch.is_tensor(mask) else input_ids.numel()
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not self._cuda and state.global_step == self._peak_step and self._step_peak is None:
+        # The second step (the first with optimizer state), or the first after a resume from a checkpoint.
+        if not self._cuda and state.global_step >= self._peak_step and self._step_peak is None:
             self._peak_recorder = StepPeakRecorder(model, optimizer).start()
 
     def on_step_end(self, args, state, control, **kwargs):
