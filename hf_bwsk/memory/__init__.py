@@ -5,7 +5,8 @@
 * `loss.py`: the fused linear cross-entropy that never holds the logits;
 * `support.py`, `layer_trace.py`, `apply.py`: the support probe, the first-batch trace, and
   `ReversibleMode`, which installs and removes both on a model;
-* `measure.py`: deterministic bytes-kept and FLOP counts; `step_peak.py`: the whole-step peak.
+* `measure.py`: deterministic bytes-kept and FLOP counts; `step_peak.py`: the whole-step peak;
+* `budget.py`: a whole-step peak budget (or `auto`) turned into what the layers may keep.
 """
 
 from .apply import ReversibleMode
