@@ -5,10 +5,13 @@ A value a run did not measure prints as "n/a"; sizes arrive in MB (2**20 bytes) 
 
 import json
 
-from .layout import MEMORY_KINDS, MODE_LABELS, MODES
+from .layout import ACTIVATION_MEMORY_LABEL, MEMORY_KINDS, MODE_LABELS, MODES
 
 NOT_MEASURED = "n/a"
-RESULT_COLUMNS = ("Mode", "Final Loss", "Val Perplexity", "Test Perplexity", "Peak Memory", "Time", "Epochs")
+# "Peak Memory" is the whole-step peak (as the published cards report it); "Activations Kept" what the forward
+# keeps for backward (`activation_memory_mb`), the part the memory modes change.
+RESULT_COLUMNS = ("Mode", "Final Loss", "Val Perplexity", "Test Perplexity", "Peak Memory", "Activations Kept",
+                  "Time", "Epochs")
 
 
 def fmt(value, spec: str) -> str:
@@ -52,6 +55,13 @@ def fmt_diverged(diverged: dict) -> str:
     """Where a run stopped because its loss or gradient norm went non-finite."""
     return f"diverged at step {diverged['step']} ({diverged['metric']} {diverged['value']})"
 
+def activation_memory_mb(record: dict) -> float | None:
+    """MB of activations the forward kept for backward (results written before the field: from their bytes)."""
+    if record.get("activation_memory_mb") is not None:
+        return record["activation_memory_mb"]
+    kept = (record.get("bytes_kept_for_backward") or {}).get("activation_bytes")
+    return None if kept is None else kept / 2**20
+
 
 def result_cells(record: dict) -> list[str]:
     """One ``training_results.json`` record as the cells of ``RESULT_COLUMNS``; a diverged run shows
@@ -63,16 +73,17 @@ def result_cells(record: dict) -> list[str]:
         NOT_MEASURED if diverged else fmt(record.get("best_val_metric"), ".2f"),
         NOT_MEASURED if diverged else fmt(record.get("test_metric"), ".2f"),
         fmt_memory(record.get("peak_memory_mb")),
+        fmt_memory(activation_memory_mb(record)),
         fmt_duration(record.get("wall_time_s")),
         fmt_epochs(record),
     ]
 
 
 def memory_column(records: list[dict]) -> str:
-    """The memory column's title: "Peak Memory" only for a peak (CUDA max allocated); otherwise what
+    """The memory column's title: "Peak Memory" only for one kind of whole-step peak; otherwise what
     the figures are (``layout.MEMORY_KINDS``), so bytes kept after a forward are not called a peak."""
     kinds = {r.get("peak_memory_kind") for r in records if r.get("peak_memory_mb") is not None}
-    if not kinds or kinds == {"cuda_max_allocated"}:
+    if not kinds or kinds in ({"cuda_max_allocated"}, {"cpu_whole_step_peak"}):
         return "Peak Memory"
     if len(kinds) > 1:
         return "Memory (kinds differ, see note)"
@@ -99,6 +110,7 @@ def saved_fraction(conventional: dict, reversible: dict) -> float | None:
 
 
 def memory_note(records: list[dict]) -> str:
-    """What the records' peak memory figures measure, e.g. "CUDA max allocated"."""
+    """What the records' memory figures measure: the peak's kind, and what "Activations Kept" is."""
     kinds = sorted({r.get("peak_memory_kind") for r in records if r.get("peak_memory_mb") is not None})
-    return ", ".join(MEMORY_KINDS.get(kind, kind or NOT_MEASURED) for kind in kinds) or NOT_MEASURED
+    peak = ", ".join(MEMORY_KINDS.get(kind, kind or NOT_MEASURED) for kind in kinds) or NOT_MEASURED
+    return f"{peak}; Activations Kept: {ACTIVATION_MEMORY_LABEL}"

@@ -40,9 +40,12 @@ README = "README.md"
 LOSS_PLOT = "plots/loss_curves.png"
 MEMORY_PLOT = "plots/peak_memory.png"
 MEMORY_KINDS = {
-    "cuda_max_allocated": "CUDA max allocated",
-    "cpu_bytes_kept_for_backward": "bytes kept for backward after one forward (CPU)",
+    "cuda_max_allocated": "whole-step peak, CUDA max allocated (weights, gradients, optimizer state, activations)",
+    "cpu_whole_step_peak": "whole-step peak, live storages on CPU (weights, gradients, optimizer state, activations)",
+    "cpu_bytes_kept_for_backward": "bytes kept for backward after one forward (CPU; not a peak)",
 }
+# What `activation_memory_mb` is, wherever it is shown beside the peak.
+ACTIVATION_MEMORY_LABEL = "activations kept for backward after the forward"
 
 
 def variant_name(experiment: str, mode: str) -> str:

@@ -41,7 +41,11 @@ def check_record(record, steps):
     assert [entry["step"] for entry in record["val_curve"]] == [2, 4]
     best = min(entry["loss"] for entry in record["val_curve"])
     assert record["best_val_loss"] == best and math.isclose(record["best_val_metric"], math.exp(best))
-    assert record["peak_memory_kind"] == "cpu_bytes_kept_for_backward" and record["peak_memory_mb"] > 0
+    assert record["peak_memory_kind"] == "cpu_whole_step_peak" and record["peak_memory_mb"] > 0
+    # The whole-step peak holds at least the weights, gradients and AdamW state; activations are apart.
+    peak = record["step_peak"]
+    assert record["peak_memory_mb"] * 2**20 == peak["peak_bytes"] >= peak["state_bytes"] > 0
+    assert 0 < record["activation_memory_mb"] < record["peak_memory_mb"]
     assert record["tokens_per_s"] > 0 and record["wall_time_s"] > 0
     assert record["hyperparameters"]["seq_len"] == 20 and record["hyperparameters"]["learning_rate"] == 3e-3
     assert (record["seed"], record["device"], record["precision"], record["nan_count"]) == (5, "cpu", "fp32", 0)

@@ -69,9 +69,11 @@ def test_card_body_shows_every_number_from_the_results(run_dir):
         for mode, label in (("conventional", "Conventional"), ("reversible", "BWSK Reversible")):
             r = run.variant(experiment, mode)
             expected = (f"| {label} | {r['final_train_loss']:.4f} | {r['best_val_metric']:.2f} | "
-                        f"{r['test_metric']:.2f} | {r['peak_memory_mb']:.1f} MB | {r['wall_time_s']:.1f} s | 3 |")
+                        f"{r['test_metric']:.2f} | {r['peak_memory_mb']:.1f} MB | {r['activation_memory_mb']:.1f} MB | "
+                        f"{r['wall_time_s']:.1f} s | 3 |")
             assert table_row(card, title, label) == expected
-    assert "Measured on cpu (fp32). Peak memory: bytes kept for backward after one forward (CPU)." in card
+    assert ("Measured on cpu (fp32). Peak memory: whole-step peak, live storages on CPU (weights, gradients, "
+            "optimizer state, activations); Activations Kept: activations kept for backward after the forward.") in card
     assert "| Fine-tune | 40.0 MB | 9.5 MB | 76.2% |" in card  # 1 - 9.5 / 40
     assert ("BWSK Reversible mode status: active; loss: fused_linear_cross_entropy; recomputed in backward: "
             "`mlp.dense_h_to_4h:aten.addmm.default` x2; recompute FLOPs fraction: 0.250; the fused loss's "
@@ -87,14 +89,16 @@ def test_card_shows_device_and_precision_the_run_used(tmp_path):
     for variant in VARIANTS:
         edit_results(run_dir / variant, peak_memory_kind="cuda_max_allocated", peak_memory_mb=2048.0)
     card = render_card(run_dir)
-    assert "Measured on cuda:NVIDIA H100 80GB HBM3 (bf16). Peak memory: CUDA max allocated." in card
+    assert ("Measured on cuda:NVIDIA H100 80GB HBM3 (bf16). Peak memory: whole-step peak, CUDA max allocated "
+            "(weights, gradients, optimizer state, activations);") in card
     assert "| Conventional | " in card and " 2.00 GB |" in card
     assert "| Fine-tune | 2.00 GB | 2.00 GB | 0.0% |" in card
 
 
 def test_unmeasured_values_are_na_and_left_out_of_the_model_index(run_copy):
     edit_results(run_copy / "scratch-bwsk-analyzed", test_metric=None, test_loss=None)
-    edit_results(run_copy / "finetune-bwsk-reversible", peak_memory_mb=None, wall_time_s=None)
+    edit_results(run_copy / "finetune-bwsk-reversible", peak_memory_mb=None, activation_memory_mb=None,
+                 bytes_kept_for_backward=None, wall_time_s=None)
     results = json.loads((run_copy / "results.json").read_text())
     del results["analysis"]
     (run_copy / "results.json").write_text(json.dumps(results))
@@ -103,7 +107,7 @@ def test_unmeasured_values_are_na_and_left_out_of_the_model_index(run_copy):
     row = table_row(card_text, "From Scratch results", "BWSK Analyzed")
     assert row.split(" | ")[3] == "n/a"  # test perplexity
     row = table_row(card_text, "Fine-tune results", "BWSK Reversible")
-    assert row.split(" | ")[4:6] == ["n/a", "n/a"]  # peak memory, time
+    assert row.split(" | ")[4:7] == ["n/a", "n/a", "n/a"]  # peak memory, activations kept, time
     assert "| Fine-tune | 40.0 MB | n/a | n/a |" in card_text
     assert "This run recorded no S/K analysis (n/a)." in card_text
 

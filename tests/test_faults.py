@@ -383,9 +383,10 @@ def test_the_memory_column_says_what_it_measured():
 
     record = {"mode": "conventional", "peak_memory_mb": 3.0, "peak_memory_kind": "cpu_bytes_kept_for_backward"}
     header = results_table([record]).splitlines()[0]
-    assert "Peak Memory" not in header and "Memory: bytes kept for backward after one forward (CPU)" in header
-    cuda = {**record, "peak_memory_kind": "cuda_max_allocated"}
-    assert "| Peak Memory |" in results_table([cuda]).splitlines()[0]
+    assert "Peak Memory" not in header and "Memory: bytes kept for backward after one forward (CPU" in header
+    for peak_kind in ("cuda_max_allocated", "cpu_whole_step_peak"):
+        peak = {**record, "peak_memory_kind": peak_kind}
+        assert "| Peak Memory |" in results_table([peak]).splitlines()[0]
 
 
 def test_a_403_says_the_token_lacks_write_access(fake_run_dir, hf_home, hub):

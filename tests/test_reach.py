@@ -41,7 +41,7 @@ def test_apply_reversible_plans_on_the_first_forward_and_remove_restores():
     loss = model(**batch).loss
     status = handle.status()
     assert status["status"] == "active" and status["loss"] == "fused_linear_cross_entropy"
-    assert status["plan"]["budget_bytes"] == 10**6 and checkpointing_enabled(model)
+    assert status["peak_budget_bytes"] == 10**6 and status["plan"]["policy"] == "budget" and checkpointing_enabled(model)
     loss.backward()
     expected = conventional(**batch).loss
     expected.backward()

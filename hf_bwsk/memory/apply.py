@@ -39,14 +39,21 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from ..analysis import find_decoder_layers
 from ..errors import BWSKError
-from .budget import parse_byte_size
+from .budget import (
+    StepShape,
+    kept_bytes_budget,
+    predict_step_peak,
+    step_shape,
+    training_state_bytes,
+)
+from .byte_size import parse_byte_size
 from .checkpointing import (
     checkpointing_enabled,
     disable_checkpointing,
     enable_checkpointing,
 )
 from .layer_trace import trace_layers
-from .loss import fused_linear_cross_entropy
+from .loss import auto_chunk_size, fused_linear_cross_entropy
 from .plan import RecomputePlan, plan_recompute
 from .policy import LayerPathTracker, SelectivePolicy
 from .support import LOSS_ONLY_INPUTS, head_mismatch, is_shard
@@ -88,8 +95,9 @@ class ReversibleMode:
         find_layers: `model -> (path, ModuleList)` of the decoder layers.
         loss: `"fused"` (fused linear cross-entropy) or `"model"` (the model's own loss; layer policy only).
         layer_policy: False: no selective recompute, the fused loss alone.
-        loss_chunk_size: tokens per chunk of the fused loss.
-        memory_budget_bytes: optional byte budget for what the layers keep (see `plan_recompute`).
+        loss_chunk_size: tokens per chunk of the fused loss (None: `auto_chunk_size` per batch).
+        memory_budget_bytes: optional whole-step peak budget in bytes (see `budget.py`): the plan keeps
+            what fits under it.
     """
 
     def __init__(
@@ -99,12 +107,12 @@ class ReversibleMode:
         find_layers: Callable[[torch.nn.Module], tuple[str, torch.nn.ModuleList]] = find_decoder_layers,
         loss: str = "fused",
         layer_policy: bool = True,
-        loss_chunk_size: int = 1024,
+        loss_chunk_size: int | None = None,
         memory_budget_bytes: int | None = None,
     ):
         if loss not in LOSSES:
             raise BWSKError(f"unknown loss {loss!r} for the reversible mode: choose one of {', '.join(LOSSES)}")
-        if loss_chunk_size < 1:
+        if loss_chunk_size is not None and loss_chunk_size < 1:
             raise BWSKError(f"loss_chunk_size must be >= 1, got {loss_chunk_size}")
         if not layer_policy and loss == "model":
             raise BWSKError("layer_policy=False with loss='model' leaves nothing to apply: keep one of the two")
@@ -132,6 +140,9 @@ class ReversibleMode:
             self._check_head()
         self.plan: RecomputePlan | None = None
         self.policy: SelectivePolicy | None = None
+        # The optimizer whose state enters the predicted whole-step peak (trainers set it before step 1).
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._peak_prediction: dict[str, Any] = {}
         self._status: dict[str, Any] = {"status": "pending", "reason": None}
         self._pending = False
         self._tracker: LayerPathTracker | None = None
@@ -217,18 +228,21 @@ class ReversibleMode:
         """`setup` from inside a forward that `torch.compile` may be tracing: the planning runs eagerly."""
         self.setup(batch)
 
-    def setup(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def setup(self, batch: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
         """Analyze the forward on `batch`, plan, and switch checkpointing on with the layer policy.
 
         Run it under the autocast the training uses (the dispatching forward does). Raises
-        `BWSKError` for a memory budget below the minimum, before any step runs.
+        `BWSKError` for a memory budget below the minimum, before any step runs. ``optimizer``
+        (default: the `optimizer` attribute, which trainers set before the first step) enters the
+        predicted whole-step peak with its state, measured or predicted before its first step.
         """
         self._pending = False
+        optimizer = optimizer or self.optimizer
         if self.loss == "fused" and is_shard(self.model.get_output_embeddings().weight):
             self._keep_model_loss("the output head is sharded in an FSDP unit of its own, so its whole weight is "
                                   "never at hand in the model's forward: wrap it with the root module instead")
         fused = self.loss == "fused"
-        plan = self._install_layer_policy(batch) if self.layer_policy else None
+        plan = self._install_layer_policy(batch, optimizer) if self.layer_policy else None
         self._active = True
         self._status = {
             "status": "active",
@@ -237,14 +251,15 @@ class ReversibleMode:
             "num_layers": len(self.layers),
             "loss": "fused_linear_cross_entropy" if fused else "model",
             "loss_reason": self.loss_reason,
-            "loss_chunk_size": self.loss_chunk_size if fused else None,
+            "loss_chunk_size": (self.loss_chunk_size or "auto") if fused else None,
             "plan": None if plan is None else plan.summary(),
+            **self._peak_prediction,
             # Live: the policy counts as training runs, so results files written at the end hold the totals.
             "plan_fidelity": None if self.policy is None else self.policy.fidelity,
         }
         return self.status()
 
-    def _install_layer_policy(self, batch: dict[str, Any]) -> RecomputePlan:
+    def _install_layer_policy(self, batch: dict[str, Any], optimizer) -> RecomputePlan:
         model = self.model
         if checkpointing_enabled(model):
             # TRL (and users) switch HF checkpointing on by default: the layer policy replaces it.
@@ -261,15 +276,31 @@ class ReversibleMode:
         # then skip casts that their recompute in backward performs, and selective checkpointing's op
         # counts would disagree. Start the forward with an empty cache, as it would without us.
         torch.clear_autocast_cache()
+        shape = self._step_shape(trace, batch, optimizer)
+        kept_budget = None
+        if self.memory_budget_bytes is not None:
+            minimum_kept = sum(trace.layer_input_bytes) * trace.batch_size
+            kept_budget = kept_bytes_budget(self.memory_budget_bytes, shape, minimum_kept)
         self.plan = plan_recompute(
-            trace.records, trace.layer_input_bytes, self.memory_budget_bytes,
+            trace.records, trace.layer_input_bytes, kept_budget,
             batch_size=trace.batch_size, hidden_size=trace.hidden_size,
         )
+        self._peak_prediction = {
+            "peak_budget_bytes": self.memory_budget_bytes,
+            "predicted_peak_bytes": predict_step_peak(self.plan.kept_bytes, shape),
+            "minimum_peak_bytes": predict_step_peak(self.plan.minimum_bytes, shape),
+            "training_state_bytes": shape.state.total,
+        }
         self._tracker = LayerPathTracker(self.layers)
         self.policy = SelectivePolicy(self.plan, self._tracker)
         enable_checkpointing(model, {"use_reentrant": False, "context_fn": self.policy})
         self._checkpointing = True
         return self.plan
+
+    def _step_shape(self, trace, batch: dict[str, Any], optimizer) -> StepShape:
+        head_weight = self.model.get_output_embeddings().weight
+        chunk = self.loss_chunk_size or auto_chunk_size(batch["input_ids"].numel(), *head_weight.shape[::-1])
+        return step_shape(trace, training_state_bytes(self.model, optimizer), head_weight, chunk)
 
     # --- teardown ------------------------------------------------------------------------------
 
@@ -321,7 +352,8 @@ def apply_reversible(
     loss: str = "fused",
     layer_policy: bool = True,
     memory_budget: int | str | None = None,
-    loss_chunk_size: int = 1024,
+    loss_chunk_size: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> ReversibleMode:
     """Put ``model`` in the reversible mode; returns the handle, whose `remove()` undoes it.
 
@@ -334,9 +366,11 @@ def apply_reversible(
         loss: ``"fused"``: the causal-LM loss by fused linear cross-entropy (no logits held);
             ``"model"``: the model's own loss (use it when a trainer computes the loss itself, as TRL's).
         layer_policy: ``False``: no selective recompute in the layers, the fused loss alone.
-        memory_budget: bytes the decoder layers may keep per micro-batch, e.g. ``"800MB"``; None: the
-            analysis' default plan.
-        loss_chunk_size: tokens per chunk of the fused loss.
+        memory_budget: the whole training step's peak, weights, gradients and optimizer state included,
+            e.g. ``"12GB"``: the plan keeps the most valuable activations that fit; None: the analysis'
+            default plan. A budget no plan can meet is refused with the minimum at the first forward.
+        loss_chunk_size: tokens per chunk of the fused loss (None: chosen from vocab and hidden size).
+        optimizer: the optimizer whose state the predicted peak counts (pass it with a budget).
 
     Example::
 
@@ -348,5 +382,6 @@ def apply_reversible(
     budget = None if memory_budget is None else parse_byte_size(memory_budget)
     mode = ReversibleMode(model, loss=loss, layer_policy=layer_policy, loss_chunk_size=loss_chunk_size,
                           memory_budget_bytes=budget)
+    mode.optimizer = optimizer
     mode.install_forward()
     return mode

@@ -5,6 +5,9 @@ returns (the loss, and through it the autograd graph, kept alive). ``saved_tenso
 what selective activation checkpointing caches in its own dispatch mode; watching every op's output
 storage sees both, and counts views and tensors saved twice once. Parameters, buffers and inputs
 exist before the forward, so they are never counted.
+
+The whole-step peak (weights, gradients, optimizer state, activations and transients, the maximum
+over forward, backward and the optimizer step) is `step_peak` (from `step_peak.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,18 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .loss import head_grad_buffers
+from .step_peak import (
+    StepPeak,
+    StepPeakRecorder,
+    StepPeakTracker,
+    cuda_step_peak,
+    step_peak,
+)
+
+__all__ = [
+    "FirstStepMemory", "LiveStorageTracker", "MemoryMeasurement", "StepPeak", "StepPeakRecorder", "StepPeakTracker",
+    "bytes_kept_for_backward", "count_train_flops", "cuda_step_peak", "step_peak",
+]
 
 
 @dataclass(frozen=True)
@@ -150,10 +165,13 @@ class FirstStepMemory:
         tracker.stop()
         loss = output.get("loss") if isinstance(output, dict) else None
         if loss is not None and loss.requires_grad:
-            node = loss.grad_fn  # not the tensor: its own hook would then keep it alive
+            # The node, not the tensor: its own hook would then keep it alive. Held in a list the hook
+            # empties: the hook lives on that node, and a closure still holding it would form a cycle that
+            # keeps the step's graph (and what checkpointing hangs on it) alive until the next gc.
+            held = [loss.grad_fn]
 
             def measure(grad):
-                self.measurement = tracker.live_bytes(node)
+                self.measurement = tracker.live_bytes(held.pop())
                 self.remove()
 
             loss.register_hook(measure)

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from ..env import versions
 from ..layout import TRAINING_RESULTS, write_json
-from ..memory import FirstStepMemory
+from ..memory import FirstStepMemory, StepPeakRecorder
 
 _MB = 2**20
 
@@ -57,8 +57,10 @@ def _finite(value: float) -> bool:
 class BWSKCallback(TrainerCallback):
     """Writes `training_results.json` into `output_dir` at train end (main process only).
 
-    Records: peak memory (CUDA `max_memory_allocated`, reset at train begin; on CPU the bytes the
-    first step keeps for backward), tokens/s, wall time, epochs, loss and eval curves, NaN count,
+    Records: peak memory as the whole-step peak (weights, gradients, optimizer state, activations:
+    CUDA `max_memory_allocated`, reset at train begin; on CPU `memory.step_peak` over the second
+    optimizer step, the first with optimizer state, or the only one), the bytes the first forward keeps
+    for backward apart, tokens/s, wall time, epochs, loss and eval curves, NaN count,
     seed, mode, precision, device, versions, hyperparameters and, with `BWSKTrainer`, the S/K/Gray
     ratios and the reversible mode's status.
 
@@ -90,6 +92,9 @@ class BWSKCallback(TrainerCallback):
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(args.device)
         self._memory = FirstStepMemory(model)
+        self._step_peak = None
+        self._peak_step = min(1, max(state.max_steps - 1, 0))
+        self._peak_recorder: StepPeakRecorder | None = None
         self._token_hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
 
     def _count_tokens(self, module, args, kwargs):
@@ -114,6 +119,16 @@ class BWSKCallback(TrainerCallback):
                 control.should_training_stop = True
                 return
 
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # The second step (the first with optimizer state), or the first after a resume from a checkpoint.
+        if not self._cuda and state.global_step >= self._peak_step and self._step_peak is None:
+            self._peak_recorder = StepPeakRecorder(model, optimizer).start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._peak_recorder is not None:
+            recorder, self._peak_recorder = self._peak_recorder, None
+            self._step_peak = recorder.stop()
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
         wall_time = time.perf_counter() - self._start
         self._token_hook.remove()
@@ -136,11 +151,12 @@ class BWSKCallback(TrainerCallback):
         best = min((entry for entry in val_curve if _finite(entry["loss"])), key=lambda e: e["loss"], default=None)
         train_loss = next((log["train_loss"] for log in reversed(state.log_history) if "train_loss" in log), None)
         measured = self._memory.measurement
+        step_peak = self._step_peak
         if self._cuda:
             peak_mb, peak_kind = torch.cuda.max_memory_allocated(args.device) / _MB, "cuda_max_allocated"
         else:
-            peak_kind = "cpu_bytes_kept_for_backward"
-            peak_mb = None if measured is None else measured.activation_bytes / _MB
+            peak_kind = "cpu_whole_step_peak"
+            peak_mb = None if step_peak is None else step_peak.peak_bytes / _MB
         world_tokens = self._tokens * max(args.world_size, 1)
         config = getattr(model, "config", None)
         ratios = (self.analysis or {}).get("ratios", {}).get("count")
@@ -163,6 +179,8 @@ class BWSKCallback(TrainerCallback):
             "peak_memory_mb": peak_mb,
             "peak_memory_kind": peak_kind,
             "bytes_kept_for_backward": None if measured is None else measured.to_dict(),
+            "activation_memory_mb": None if measured is None else measured.activation_bytes / _MB,
+            "step_peak": None if step_peak is None else step_peak.to_dict(),
             "loss_curve": [{"step": step, "loss": loss} for step, loss in losses],
             "val_curve": val_curve,
             "nan_count": sum(not _finite(loss) for _, loss in losses) + sum(not _finite(e["loss"]) for e in val_curve),

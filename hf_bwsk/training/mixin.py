@@ -122,6 +122,9 @@ class BWSKMixin:
         return logs
 
     def training_step(self, *args, **kwargs):
+        if self.reversible_mode is not None and not self._reversible_reported:
+            # The first forward plans: its predicted whole-step peak counts this optimizer's state.
+            self.reversible_mode.optimizer = self.optimizer
         loss = super().training_step(*args, **kwargs)
         if self.reversible_mode is not None and not self._reversible_reported:
             self._report_reversible()

@@ -1,0 +1,90 @@
+"""The whole-step peak budget: `auto`, the refusal of a budget no plan meets, and the predicted peak vs the measured one."""
+
+import pytest
+import torch
+from tiny_models import tiny_batch, tiny_model
+
+from hf_bwsk import BWSKTrainingArguments
+from hf_bwsk.analysis import find_decoder_layers
+from hf_bwsk.errors import BWSKError
+from hf_bwsk.memory import ReversibleMode, fused_linear_cross_entropy, step_peak
+from hf_bwsk.memory.budget import auto_peak_budget
+from hf_bwsk.memory.loss import auto_chunk_size
+
+BATCH = (4, 128)  # activations well above the tiny models' weights and AdamW state, so the prediction is tested
+
+
+def test_auto_budget_on_cpu_is_a_one_line_error(tmp_path):
+    with pytest.raises(BWSKError, match="CUDA device's free memory") as error:
+        BWSKTrainingArguments(output_dir=str(tmp_path), bwsk_mode="reversible", bwsk_memory_budget="auto",
+                              use_cpu=True)
+    assert "\n" not in str(error.value) and "bwsk_memory_budget='8GB'" in str(error.value)
+    with pytest.raises(BWSKError, match="this run is on cpu"):
+        auto_peak_budget("cpu")
+
+
+def _set_up(arch, budget=None):
+    model = tiny_model(arch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # state predicted: it has not stepped yet
+    mode = ReversibleMode(model, find_layers=find_decoder_layers, memory_budget_bytes=budget)
+    mode.install_forward()
+    return model, optimizer, mode, mode.setup(tiny_batch(*BATCH), optimizer=optimizer)
+
+
+def _measured_peak(model, optimizer):
+    batch = tiny_batch(*BATCH)
+
+    def step():
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the first step creates the AdamW moments
+    return step_peak(step, model=model, optimizer=optimizer)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_predicted_peak_is_within_ten_percent_of_the_measured_one(arch):
+    model, optimizer, _, status = _set_up(arch)
+    default_peak = status["predicted_peak_bytes"]
+    measured = _measured_peak(model, optimizer)
+    assert measured.state_bytes == pytest.approx(status["training_state_bytes"], rel=1e-3), measured
+    assert default_peak == pytest.approx(measured.peak_bytes, rel=0.10), (default_peak, measured)
+
+    # A budget between the least peak and the default plan's: a plan that keeps less, predicted and measured to fit.
+    budget = (status["minimum_peak_bytes"] + default_peak) // 2
+    model, optimizer, _, status = _set_up(arch, budget)
+    assert status["predicted_peak_bytes"] <= budget < default_peak, status
+    measured = _measured_peak(model, optimizer)
+    assert status["predicted_peak_bytes"] == pytest.approx(measured.peak_bytes, rel=0.10), (status, measured)
+    assert measured.peak_bytes <= 1.10 * budget, (measured, budget)
+
+
+def test_unmeetable_budget_is_refused_with_the_minimum_before_any_step():
+    model = tiny_model("gpt_neox")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mode = ReversibleMode(model, find_layers=find_decoder_layers, memory_budget_bytes=2**20)
+    mode.install_forward()
+    with pytest.raises(BWSKError, match=r"below the minimum whole-step peak .* raise it to at least (\d+)MiB") as error:
+        mode.setup(tiny_batch(*BATCH), optimizer=optimizer)
+    minimum_mib = int(error.value.args[0].rsplit("at least ", 1)[1].split("MiB")[0])
+    assert minimum_mib > 1 and not model.is_activation_checkpointing and not optimizer.state
+    # The minimum it names is a budget that works.
+    _, _, _, status = _set_up("gpt_neox", minimum_mib * 2**20)
+    assert status["status"] == "active" and status["predicted_peak_bytes"] <= minimum_mib * 2**20, status
+
+
+def test_loss_chunk_holds_one_logits_buffer():
+    tokens, hidden, vocab = 512, 16, 1024
+    chunk = auto_chunk_size(tokens, hidden, vocab)
+    assert chunk == 64  # 4 x 512 x 16 / 1024 = 32 elements-worth, raised to the 64-token floor
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.hidden = torch.nn.Parameter(torch.randn(tokens, hidden))
+    module.weight = torch.nn.Parameter(torch.randn(vocab, hidden) / 4)
+    labels = torch.randint(0, vocab, (tokens,))
+    peak = step_peak(lambda: fused_linear_cross_entropy(module.hidden, module.weight, labels).backward(), model=module)
+    buffer = chunk * vocab * 4
+    gradients = (tokens + vocab) * hidden * 4  # the hidden-state and head gradients, computed in forward
+    # One logits buffer, the gradients, and [chunk x hidden] rows (gathered hidden, grad rows) plus small vectors.
+    assert buffer + gradients <= peak.peak_bytes - peak.weight_bytes <= buffer + gradients + 8 * chunk * hidden * 4 + 4 * 4 * chunk, peak
