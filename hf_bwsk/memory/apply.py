@@ -31,8 +31,15 @@ import torch
 from transformers.modeling_outputs import CausalLMOutput
 
 from ..errors import BWSKError
+from .budget import (
+    StepShape,
+    kept_bytes_budget,
+    predict_step_peak,
+    step_shape,
+    training_state_bytes,
+)
 from .layer_trace import trace_layers
-from .loss import fused_linear_cross_entropy
+from .loss import auto_chunk_size, fused_linear_cross_entropy
 from .plan import RecomputePlan, plan_recompute
 from .policy import LayerPathTracker, SelectivePolicy
 from .support import LOSS_ONLY_INPUTS, unsupported_reason
@@ -52,8 +59,9 @@ class ReversibleMode:
     Args:
         model: the (unwrapped) causal-LM `PreTrainedModel`.
         find_layers: `model -> (path, ModuleList)` of the decoder layers (`find_decoder_layers`).
-        loss_chunk_size: tokens per chunk of the fused loss.
-        memory_budget_bytes: optional byte budget for what the layers keep (see `plan_recompute`).
+        loss_chunk_size: tokens per chunk of the fused loss (None: `auto_chunk_size` per batch).
+        memory_budget_bytes: optional whole-step peak budget in bytes (see `budget.py`): the plan keeps
+            what fits under it.
     """
 
     def __init__(
@@ -61,7 +69,7 @@ class ReversibleMode:
         model: torch.nn.Module,
         *,
         find_layers: Callable[[torch.nn.Module], tuple[str, torch.nn.ModuleList]],
-        loss_chunk_size: int = 1024,
+        loss_chunk_size: int | None = None,
         memory_budget_bytes: int | None = None,
     ):
         self.model = model
@@ -120,11 +128,12 @@ class ReversibleMode:
 
     # --- setup ---------------------------------------------------------------------------------
 
-    def setup(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def setup(self, batch: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
         """Check support, analyze the forward on `batch`, plan, and switch checkpointing on.
 
         Run it under the autocast the training uses, so the traced ops are the trained ones. Raises
-        `BWSKError` for a memory budget below the minimum, before any step runs.
+        `BWSKError` for a memory budget below the minimum, before any step runs. ``optimizer`` (its
+        state measured, or predicted before its first step) enters the predicted whole-step peak.
         """
         model = self.model
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -143,8 +152,13 @@ class ReversibleMode:
             return self._fall_back(reason)
         layers_path, layers = self.find_layers(model)
         trace = trace_layers(model, layers_path, layers, batch)
+        shape = self._step_shape(trace, batch, optimizer)
+        kept_budget = None
+        if self.memory_budget_bytes is not None:
+            minimum_kept = sum(trace.layer_input_bytes) * trace.batch_size
+            kept_budget = kept_bytes_budget(self.memory_budget_bytes, shape, minimum_kept)
         plan = plan_recompute(
-            trace.records, trace.layer_input_bytes, self.memory_budget_bytes,
+            trace.records, trace.layer_input_bytes, kept_budget,
             batch_size=trace.batch_size, hidden_size=trace.hidden_size,
         )
         self.plan = plan
@@ -157,10 +171,19 @@ class ReversibleMode:
             "decoder_layers": layers_path,
             "num_layers": len(layers),
             "loss": "fused_linear_cross_entropy",
-            "loss_chunk_size": self.loss_chunk_size,
+            "loss_chunk_size": self.loss_chunk_size or "auto",
             "plan": plan.summary(),
+            "peak_budget_bytes": self.memory_budget_bytes,
+            "predicted_peak_bytes": predict_step_peak(plan.kept_bytes, shape),
+            "minimum_peak_bytes": predict_step_peak(plan.minimum_bytes, shape),
+            "training_state_bytes": shape.state.total,
         }
         return self.status()
+
+    def _step_shape(self, trace, batch: dict[str, Any], optimizer) -> StepShape:
+        head_weight = self.model.get_output_embeddings().weight
+        chunk = self.loss_chunk_size or auto_chunk_size(batch["input_ids"].numel(), *head_weight.shape[::-1])
+        return step_shape(trace, training_state_bytes(self.model, optimizer), head_weight, chunk)
 
     def _enable_checkpointing(self, checkpoint_kwargs: dict[str, Any]) -> None:
         self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)

@@ -5,7 +5,9 @@ The output head of a small LM dominates the activation memory of training: at Py
 forward here walks the tokens in chunks; per chunk it computes the logits, the fp32 cross-entropy
 and, at once, the gradients w.r.t. that chunk of hidden states and the head weight (and bias). Backward
 then only scales those stored gradients, so nothing is recomputed and the peak holds one chunk of
-logits. The semantics are exactly ``transformers.loss.loss_utils.ForCausalLMLoss``: labels padded with
+logits: one fp32 buffer, reused by every chunk and turned into its own gradient in place, sized by
+`auto_chunk_size` from the vocab and hidden size. The head-weight gradient is a buffer of the
+weight's shape accumulated in fp32 for fp16/bf16 weights (else in the weight's dtype). The semantics are exactly ``transformers.loss.loss_utils.ForCausalLMLoss``: labels padded with
 ``ignore_index`` then shifted left, logits upcast to fp32, mean over non-ignored tokens, or the sum
 divided by ``num_items_in_batch`` under gradient accumulation.
 """
@@ -16,6 +18,25 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BWSKError
+
+# A chunk's fp32 logits hold at most this many elements per element of the batch's hidden states.
+CHUNK_LOGITS_PER_HIDDEN_ELEMENT = 4
+# Each chunk also reads and writes the whole [vocab x hidden] head gradient: below this many tokens that
+# traffic, not the chunk's matmul FLOPs, would set the loss' time.
+MIN_CHUNK_TOKENS = 64
+
+
+def auto_chunk_size(tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per loss chunk: the largest power of two whose logits stay within a few times the hidden states.
+
+    A fixed token count would let the logits buffer outgrow everything else at a large vocab (1024
+    tokens x 50,304 fp32 = 206 MB beside 8 MB of Pythia-70M's 8 x 512 hidden states). Bounding it by
+    ``CHUNK_LOGITS_PER_HIDDEN_ELEMENT x tokens x hidden`` elements keeps the loss' transient bytes a
+    small multiple of an activation the model holds anyway, whatever the vocab, at the same FLOPs
+    (more, smaller matmuls), and never below ``MIN_CHUNK_TOKENS``.
+    """
+    bound = max(MIN_CHUNK_TOKENS, CHUNK_LOGITS_PER_HIDDEN_ELEMENT * tokens * hidden_size // max(vocab_size, 1))
+    return max(1, min(tokens, 1 << (bound.bit_length() - 1)))
 
 
 def head_grad_buffers(loss) -> list[torch.Tensor]:
@@ -46,7 +67,7 @@ def fused_linear_cross_entropy(
     bias: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal-LM loss of ``F.linear(hidden_states, weight, bias)`` against ``labels``, chunk by chunk.
@@ -63,7 +84,8 @@ def fused_linear_cross_entropy(
         num_items_in_batch: when given, the loss is the sum over tokens divided by it (HF's gradient
             accumulation convention); otherwise the mean over non-ignored tokens.
         ignore_index: label value that contributes nothing.
-        chunk_size: tokens per chunk; the peak extra memory is a few ``chunk_size x vocab`` fp32 buffers.
+        chunk_size: tokens per chunk; the loss holds one ``chunk_size x vocab`` fp32 buffer at a time.
+            None: `auto_chunk_size` of the tokens, hidden size and vocab.
         shift_labels: already-shifted labels (as HF accepts), used instead of shifting ``labels``.
 
     Returns:
@@ -71,6 +93,8 @@ def fused_linear_cross_entropy(
         Its backward may run once (the stored gradients are handed over to autograd).
     """
     targets = _shifted_targets(hidden_states, labels, shift_labels, ignore_index)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(targets.numel(), hidden_states.shape[-1], weight.shape[0])
     if chunk_size < 1:
         raise BWSKError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     if weight.dim() != 2 or weight.shape[1] != hidden_states.shape[-1]:
@@ -129,7 +153,8 @@ def _chunked_loss_and_grads(hidden_states, weight, bias, targets, num_items_in_b
     positions = (targets != ignore_index).nonzero().squeeze(1)
     denominator = _denominator(num_items_in_batch, positions.numel(), hidden_states.device)
 
-    # Accumulate low-precision weight gradients in fp32, as a single matmul over all tokens would.
+    # The head-gradient accumulation dtype: fp32 for fp16/bf16 weights (as a single matmul over all
+    # tokens would accumulate), else the weight's own dtype; cast to the weight's dtype once at the end.
     accumulate_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
     grad_hidden = (
         torch.zeros(flat_hidden.shape, dtype=hidden_states.dtype, device=hidden_states.device) if need_hidden else None
@@ -138,20 +163,28 @@ def _chunked_loss_and_grads(hidden_states, weight, bias, targets, num_items_in_b
     grad_bias = torch.zeros(bias.shape, dtype=accumulate_dtype, device=bias.device) if need_bias else None
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden_states.device)
+    # One fp32 logits buffer for every chunk: each chunk's logits become their own gradient in place, so
+    # the chunk never holds more than this buffer (a new tensor per chunk would briefly hold two).
+    logits_buffer = torch.empty((min(chunk_size, positions.numel()), weight.shape[0]), dtype=torch.float32,
+                                device=hidden_states.device)
     with torch.autocast(hidden_states.device.type, enabled=False):
         for start in range(0, positions.numel(), chunk_size):
             rows = positions[start:start + chunk_size]
             chunk_hidden = flat_hidden.index_select(0, rows).to(compute_dtype)
             chunk_targets = targets.index_select(0, rows)
-            logits = F.linear(chunk_hidden, head_weight, head_bias).float()
-            log_normaliser = torch.logsumexp(logits, dim=-1)
-            loss_sum += (log_normaliser - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            logits = _chunk_logits(chunk_hidden, head_weight, head_bias, logits_buffer[:rows.numel()])
+            target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            # log-sum-exp in place: logits -> exp(logits - max), whose row sums give the normaliser.
+            maxima = logits.amax(dim=1, keepdim=True)
+            exp_shifted = logits.sub_(maxima).exp_()
+            sums = exp_shifted.sum(dim=1, keepdim=True)
+            loss_sum += (maxima + sums.log() - target_logits[:, None]).sum()
             if not any(needs_grad):
                 continue
-            # d(loss)/d(logits) = (softmax - one_hot(target)) / denominator, built in place in `logits`. The
+            # d(loss)/d(logits) = (softmax - one_hot(target)) / denominator, built in place in the buffer. The
             # division waits until after the matmuls: (softmax - one_hot) lies in [-1, 1], while divided by the
             # token count of a large batch its small entries would flush to zero in fp16.
-            grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
+            grad_logits = exp_shifted.div_(sums)
             grad_logits[torch.arange(rows.numel(), device=rows.device), chunk_targets] -= 1
             _accumulate_chunk_grads(grad_logits.to(compute_dtype), rows, chunk_hidden, head_weight,
                                     grad_hidden, grad_weight, grad_bias)
@@ -166,6 +199,15 @@ def _chunked_loss_and_grads(hidden_states, weight, bias, targets, num_items_in_b
         None if grad_bias is None else grad_bias.to(bias.dtype),
     )
     return loss, grads
+
+
+def _chunk_logits(chunk_hidden, head_weight, head_bias, out):
+    """``F.linear(chunk_hidden, head_weight, head_bias)`` in fp32, written into ``out``."""
+    if chunk_hidden.dtype != torch.float32:  # low-precision matmul, upcast into the buffer like HF's .float()
+        return out.copy_(F.linear(chunk_hidden, head_weight, head_bias))
+    if head_bias is None:
+        return torch.mm(chunk_hidden, head_weight.t(), out=out)
+    return torch.addmm(head_bias, chunk_hidden, head_weight.t(), out=out)
 
 
 def _denominator(num_items_in_batch, counted_tokens: int, device):

@@ -5,6 +5,9 @@ returns (the loss, and through it the autograd graph, kept alive). ``saved_tenso
 what selective activation checkpointing caches in its own dispatch mode; watching every op's output
 storage sees both, and counts views and tensors saved twice once. Parameters, buffers and inputs
 exist before the forward, so they are never counted.
+
+The whole-step peak (weights, gradients, optimizer state, activations and transients, the maximum
+over forward, backward and the optimizer step) is `step_peak` (from `step_peak.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .loss import head_grad_buffers
+from .step_peak import StepPeak, StepPeakTracker, cuda_step_peak, step_peak
+
+__all__ = [
+    "FirstStepMemory", "LiveStorageTracker", "MemoryMeasurement", "StepPeak", "StepPeakTracker",
+    "bytes_kept_for_backward", "count_train_flops", "cuda_step_peak", "step_peak",
+]
 
 
 @dataclass(frozen=True)

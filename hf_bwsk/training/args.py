@@ -6,9 +6,11 @@ Every field carries `metadata={"help": ...}`, so `HfArgumentParser` exposes it a
 import re
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from ..errors import BWSKError
+from ..memory.budget import AUTO_BUDGET, auto_peak_budget
 
 BWSK_MODES = ("conventional", "analyzed", "reversible")
 
@@ -56,19 +58,23 @@ class BWSKTrainingArguments(TrainingArguments):
             "choices": list(BWSK_MODES),
         },
     )
-    bwsk_loss_chunk_size: int = field(
-        default=1024,
+    bwsk_loss_chunk_size: int | None = field(
+        default=None,
         metadata={
-            "help": "Reversible mode: tokens per chunk of the fused linear cross-entropy. Smaller chunks hold "
-            "fewer logits at a time ([chunk x vocab]); larger ones run fewer, bigger matmuls."
+            "help": "Reversible mode: tokens per chunk of the fused linear cross-entropy, which holds one "
+            "[chunk x vocab] fp32 buffer at a time. Unset: chosen per batch from the vocab and hidden size, "
+            "so that the buffer stays within a few times the batch's hidden states."
         },
     )
     bwsk_memory_budget: str | None = field(
         default=None,
         metadata={
-            "help": "Reversible mode: bytes of activations the decoder layers may keep for backward per "
-            "micro-batch, e.g. '800MB' or '2GiB'. The plan keeps the matmul/attention outputs that save "
-            "the most recompute FLOPs per byte until the budget is full. Unset: the analysis' default plan."
+            "help": "Reversible mode: the whole-step peak memory a training step may reach (weights, "
+            "gradients, optimizer state, activations and transients, as torch.cuda.max_memory_allocated "
+            "reports it), e.g. '12GB' or '800MiB', or 'auto' (CUDA only: the device's free memory less a "
+            "margin). The plan keeps the matmul/attention outputs that save the most recompute FLOPs per "
+            "byte while the predicted peak fits; a budget below the least any plan reaches is refused with "
+            "that minimum before the first step. Unset: the analysis' default plan."
         },
     )
     bwsk_report_dir: str | None = field(
@@ -87,14 +93,20 @@ class BWSKTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.bwsk_mode not in BWSK_MODES:
             raise BWSKError(f"unknown bwsk_mode {self.bwsk_mode!r}: choose one of {', '.join(BWSK_MODES)}")
-        if self.bwsk_loss_chunk_size < 1:
+        if self.bwsk_loss_chunk_size is not None and self.bwsk_loss_chunk_size < 1:
             raise BWSKError(f"bwsk_loss_chunk_size must be >= 1, got {self.bwsk_loss_chunk_size}")
         if self.bwsk_analysis_seq_len < 2:
             raise BWSKError(f"bwsk_analysis_seq_len must be >= 2, got {self.bwsk_analysis_seq_len}")
         if self.bwsk_memory_budget is not None:
             if self.bwsk_mode != "reversible":
                 raise BWSKError("bwsk_memory_budget only applies to bwsk_mode='reversible': set the mode or drop it")
-            parse_byte_size(self.bwsk_memory_budget)
+            if self.bwsk_memory_budget != AUTO_BUDGET:
+                parse_byte_size(self.bwsk_memory_budget)
+            elif self.use_cpu or not torch.cuda.is_available():
+                raise BWSKError(
+                    "bwsk_memory_budget='auto' reads a CUDA device's free memory and this run has none: "
+                    "pass a size instead, e.g. bwsk_memory_budget='8GB'"
+                )
         if self.bwsk_mode == "reversible" and self.activation_checkpointing:
             raise BWSKError(
                 "bwsk_mode='reversible' manages activation checkpointing itself: drop activation_checkpointing"
@@ -102,5 +114,9 @@ class BWSKTrainingArguments(TrainingArguments):
 
     @property
     def bwsk_memory_budget_bytes(self) -> int | None:
-        """`bwsk_memory_budget` as a byte count (None when unset)."""
-        return None if self.bwsk_memory_budget is None else parse_byte_size(self.bwsk_memory_budget)
+        """`bwsk_memory_budget` as a whole-step peak in bytes (None when unset); `auto` is read now."""
+        if self.bwsk_memory_budget is None:
+            return None
+        if self.bwsk_memory_budget == AUTO_BUDGET:
+            return auto_peak_budget(self.device)
+        return parse_byte_size(self.bwsk_memory_budget)

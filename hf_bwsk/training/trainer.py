@@ -101,7 +101,7 @@ class BWSKTrainer(Trainer):
         logs.update({f"bwsk/sync_points_{axis}": float(count) for axis, count in sync_counts.items()})
         if self.reversible_mode is not None:
             with self.accelerator.autocast():
-                status = self.reversible_mode.setup(self._prepare_inputs(inputs))
+                status = self.reversible_mode.setup(self._prepare_inputs(inputs), optimizer=self.optimizer)
             self.bwsk_callback.set_reversible(status)
             logs["bwsk/reversible_active"] = float(status["status"] == "active")
             if status["status"] == "active":

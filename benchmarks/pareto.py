@@ -1,0 +1,204 @@
+"""The memory/compute trade-off of every checkpointing scheme: kept bytes, whole-step peak and FLOPs per plan.
+
+Random-init models, synthetic tokens, AdamW (its moments created before the measured step, as on
+any step after the first). One measured training step per mode (forward, backward, optimizer step)
+gives, all deterministic:
+
+* the whole-step peak (`hf_bwsk.memory.step_peak`: live storages after every op, weights, grads and
+  optimizer state included), split into training state and activations/transients;
+* bytes kept for backward after the forward (`FirstStepMemory`);
+* matmul/attention FLOPs of forward + backward, recompute included (`torch.utils.flop_counter`);
+* CPU wall time of that step: noisy (trackers running, cores shared), never a result on its own.
+
+Modes: conventional; HF activation checkpointing of every layer and of every 2nd layer; HF
+checkpointing + our fused loss (what TRL and Liger do by default); torch selective checkpointing
+saving matmul/attention outputs; bwsk reversible (default plan); bwsk with whole-step peak budgets
+spread between its least peak and its default plan's.
+
+    python benchmarks/pareto.py run --shape pythia-70m --out /tmp/pythia.json [--modes ...]
+    python benchmarks/pareto.py report /tmp/pythia.json /tmp/mamba.json ... [--png docs/pareto.png]
+
+`run` prints one JSON line per mode and writes the shape's JSON; `report` appends the tables to
+docs/BENCHMARKS.md (device, versions, commit, date) and draws the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import torch
+from memory import _MATMUL_OPS, synthetic_batch
+from provenance import ROOT, provenance
+
+BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
+SECTION = "## Pareto: kept bytes, whole-step peak and FLOPs per checkpointing scheme (`benchmarks/pareto.py`)"
+SEED = 0
+_MB = 2**20
+# Llama-3.2-1B's widths with one decoder layer: layers' bytes and FLOPs scale linearly with the layer
+# count (x16 for the real model); the embeddings, head and loss do not.
+LLAMA_1B_CLASS = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+    num_hidden_layers=1, max_position_embeddings=2048, tie_word_embeddings=True,
+)
+SHAPES = {"pythia-70m": (8, 512), "mamba-130m": (2, 32), "llama-1b-class-1-layer": (1, 2048)}
+BASELINES = ("conventional", "hf_checkpointing", "hf_checkpointing_every_2", "hf_checkpointing_fused_loss",
+             "torch_selective_save_matmuls")
+BUDGET_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.25)
+
+
+def build(shape: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hf_bwsk.models import load_config
+
+    config = LlamaConfig(**LLAMA_1B_CLASS) if shape.startswith("llama") else load_config(shape)
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config)
+    model.train()
+    return model
+
+
+def fused_loss_forward(model):
+    """Give `model` the fused linear cross-entropy on its last hidden state (no logits), as TRL/Liger do."""
+    from hf_bwsk.memory import fused_linear_cross_entropy
+
+    class_forward = type(model).forward
+
+    @functools.wraps(class_forward)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        head = self.get_output_embeddings()
+        return {"loss": fused_linear_cross_entropy(hidden, head.weight, labels, bias=getattr(head, "bias", None))}
+
+    model.forward = forward.__get__(model)
+
+
+def apply_mode(mode: str, model, batch: dict, optimizer, budget: int | None):
+    """Switch `model` to `mode`; the bwsk modes return `ReversibleMode.status()`."""
+    from hf_bwsk.analysis import find_decoder_layers
+    from hf_bwsk.memory import ReversibleMode
+
+    no_reentrant = {"use_reentrant": False}
+    if mode == "hf_checkpointing":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+    elif mode == "hf_checkpointing_every_2":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant, every_n_layers=2)
+    elif mode == "hf_checkpointing_fused_loss":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+        fused_loss_forward(model)
+    elif mode == "torch_selective_save_matmuls":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _MATMUL_OPS)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={**no_reentrant, "context_fn": context_fn})
+    elif mode.startswith("bwsk"):
+        reversible = ReversibleMode(model, find_layers=find_decoder_layers, memory_budget_bytes=budget)
+        reversible.install_forward()
+        return reversible.setup(batch, optimizer=optimizer)
+    return None
+
+
+def create_adam_state(model, optimizer) -> None:
+    """AdamW's moments exist on every step after the first: create them without a forward (lr 0, zero grads)."""
+    lr = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, value in zip(optimizer.param_groups, lr):
+        group["lr"] = value
+
+
+def measure(shape: str, mode: str, budget: int | None = None) -> dict:
+    """One mode on a fresh model from the same seed: one tracked training step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hf_bwsk.memory import FirstStepMemory, step_peak
+
+    model = build(shape)
+    batch_size, seq_len = SHAPES[shape]
+    batch = synthetic_batch(model.config.vocab_size, batch_size, seq_len, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    create_adam_state(model, optimizer)
+    status = apply_mode(mode, model, batch, optimizer, budget)
+    kept = FirstStepMemory(model)
+    losses = []
+
+    def step():
+        loss = model(**batch)["loss"]
+        loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    with FlopCounterMode(display=False) as flops:
+        peak = step_peak(step, model=model, optimizer=optimizer)
+    seconds = time.perf_counter() - start
+    kept.remove()
+    # Kept bytes as activations only: the fused loss' head-weight gradient is the `.grad` every mode allocates.
+    row = {"mode": mode, "loss": losses[0], "peak": peak.to_dict(), "kept_bytes": kept.measurement.activation_bytes,
+           "grad_buffer_bytes_kept": kept.measurement.grad_buffer_bytes, "train_flops": flops.get_total_flops(),
+           "cpu_step_s_noisy": seconds}
+    if budget is not None:
+        row["budget_bytes"] = budget
+    if status is not None:
+        row["reversible"] = {key: status.get(key) for key in (
+            "status", "loss_chunk_size", "predicted_peak_bytes", "minimum_peak_bytes", "training_state_bytes")}
+        row["reversible"]["plan"] = {key: status["plan"][key] for key in (
+            "kept_bytes_estimate", "recompute_flops_fraction")} if "plan" in status else None
+    return row
+
+
+def run(shape: str, modes: list[str], out: str, fractions: tuple[float, ...] = BUDGET_FRACTIONS) -> None:
+    rows = []
+    for mode in modes:
+        if mode == "bwsk_budgets":
+            default = next(row for row in rows if row["mode"] == "bwsk_reversible")["reversible"]
+            low, high = default["minimum_peak_bytes"], default["predicted_peak_bytes"]
+            for fraction in fractions:
+                budget = int(low + fraction * (high - low))
+                rows.append(measure(shape, f"bwsk_budget_{budget / _MB:.0f}MiB", budget))
+                print(json.dumps(rows[-1]), flush=True)
+            continue
+        rows.append(measure(shape, mode))
+        print(json.dumps(rows[-1]), flush=True)
+    batch_size, seq_len = SHAPES[shape]
+    result = {"shape": shape, "batch_size": batch_size, "seq_len": seq_len, "threads": torch.get_num_threads(),
+              **provenance(), "rows": rows}
+    with open(out, "w", encoding="utf-8") as file:
+        json.dump(result, file, indent=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="measure one shape's modes into a JSON file")
+    run_parser.add_argument("--shape", choices=list(SHAPES), required=True)
+    run_parser.add_argument("--modes", nargs="+", default=[*BASELINES, "bwsk_reversible", "bwsk_budgets"],
+                            help="modes in order; bwsk_budgets needs bwsk_reversible before it")
+    run_parser.add_argument("--out", required=True)
+    run_parser.add_argument("--budget-fractions", nargs="+", type=float, default=list(BUDGET_FRACTIONS),
+                            help="bwsk budgets: least peak + fraction x (default plan's peak - least peak)")
+    run_parser.add_argument("--threads", type=int)
+    report_parser = commands.add_parser("report", help="append the tables and draw the curves")
+    report_parser.add_argument("results", nargs="+")
+    report_parser.add_argument("--png", default=str(ROOT / "docs" / "pareto.png"))
+    args = parser.parse_args()
+    if args.command == "run":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run(args.shape, args.modes, args.out, tuple(args.budget_fractions))
+    else:
+        from pareto_report import report
+
+        report(args.results, args.png, BENCHMARKS, SECTION)
+
+
+if __name__ == "__main__":
+    main()
