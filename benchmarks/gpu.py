@@ -118,6 +118,9 @@ def measure_case(case: Case, device: torch.device, warmup: int, steps: int) -> d
     for mode in MODES:
         if mode == "bwsk_reversible_budget":
             budget = _halfway_budget(rows)
+            if budget is None:
+                rows.append({"mode": mode, "error": "no active default plan to derive a peak budget from"})
+                continue
         try:
             rows.append(measure_mode(case, mode, device, warmup, steps, budget))
         except Exception as error:  # noqa: BLE001 - recorded in the results and the exit status
@@ -130,10 +133,13 @@ def measure_case(case: Case, device: torch.device, warmup: int, steps: int) -> d
 
 
 def _halfway_budget(rows: list[dict]) -> int | None:
-    """The budget mode's byte budget: halfway between recomputing everything and the default plan."""
-    default = next((row for row in rows if row["mode"] == "bwsk_reversible" and "reversible" in row), None)
-    plan = default["reversible"].get("plan") if default else None
-    return (plan["minimum_bytes"] + plan["kept_bytes_estimate"]) // 2 if plan else None
+    """The budget mode's whole-step peak budget: halfway between the predicted peaks of recomputing
+    everything and of the default plan."""
+    default = next((row for row in rows if row["mode"] == "bwsk_reversible" and "predicted_bytes" in row), None)
+    if default is None:
+        return None
+    status = default["reversible"]
+    return (status["minimum_peak_bytes"] + status["predicted_peak_bytes"]) // 2
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
@@ -192,19 +198,20 @@ def table_lines(results: dict) -> list[str]:
         f"(median); seed {results['seed']}. {test_line}.",
         "",
         "| model | batch x seq | precision | mode | peak MB | peak x | step ms | step x | estimate MB "
-        "| peak / estimate | loss diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak / estimate | predicted MB | loss diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in results["cases"]:
         for row in case["modes"]:
             prefix = f"| {case['model']} | {case['batch_size']} x {case['seq_len']} | {case['precision']} | {row['mode']} |"
             if "error" in row:
-                lines.append(f"{prefix} failed: {row['error']} |||||||")
+                lines.append(f"{prefix} failed: {row['error']} ||||||||")
                 continue
             lines.append(
                 f"{prefix} {row['peak_bytes'] / _MB:.1f} | {_cell(row, 'peak_ratio', '.3f')} "
                 f"| {row['step_s'] * 1000:.1f} | {_cell(row, 'step_ratio', '.3f')} | {row['estimate_bytes'] / _MB:.1f} "
-                f"| {_cell(row, 'peak_over_estimate', '.3f')} | {_cell(row, 'loss_abs_diff', '.1e')} |"
+                f"| {_cell(row, 'peak_over_estimate', '.3f')} | {_cell(row, 'predicted_bytes', '.1f', _MB)} "
+                f"| {_cell(row, 'loss_abs_diff', '.1e')} |"
             )
     lines += ["", "Targets (ratios to conventional, same run):", ""]
     lines += [f"- {check['model']} {check['mode']}: {check['target']}: {check['got']} -> "
@@ -219,7 +226,9 @@ def append_table(results: dict, path: Path) -> None:
         text = text.rstrip("\n") + (
             f"\n\n{SECTION}\n\npeak: `torch.cuda.max_memory_allocated` over the timed steps (with `--cpu`: the "
             "whole-step tracker's). estimate: the whole-step peak tracker (`step_peak`, the CPU estimate) on one "
-            "more step of the same shapes. loss diff: first-step loss against conventional.\n"
+            "more step of the same shapes. predicted: the bwsk plan's own peak prediction, made before the first "
+            "step. bwsk_reversible_budget's budget: halfway between the predicted peaks of recomputing everything "
+            "and of the default plan. loss diff: first-step loss against conventional.\n"
         )
     path.write_text(text.rstrip("\n") + "\n\n" + "\n".join(table_lines(results)) + "\n", encoding="utf-8")
 

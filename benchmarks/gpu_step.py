@@ -30,7 +30,6 @@ MODES = (
     "bwsk_reversible_budget",
 )
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
-LOSS_CHUNK_SIZE = 1024  # tokens per fused-loss chunk: ReversibleMode's default, used by both fused modes
 
 
 @dataclass(frozen=True)
@@ -73,14 +72,14 @@ def enable_hf_checkpointing(model) -> None:
 
 
 def fused_loss(model, batch: dict) -> torch.Tensor:
-    """HF's causal-LM loss through `fused_linear_cross_entropy`, on the model's own checkpointed body."""
+    """HF's causal-LM loss through `fused_linear_cross_entropy` (chunks sized as the reversible mode's), on
+    the model's own checkpointed body."""
     from hf_bwsk.memory import fused_linear_cross_entropy
 
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     hidden_states = model.base_model(**inputs)[0]
     head = model.get_output_embeddings()
-    return fused_linear_cross_entropy(hidden_states, head.weight, batch["labels"], bias=getattr(head, "bias", None),
-                                      chunk_size=LOSS_CHUNK_SIZE)
+    return fused_linear_cross_entropy(hidden_states, head.weight, batch["labels"], bias=getattr(head, "bias", None))
 
 
 def set_up_mode(mode: str, model, batch: dict, budget: int | None, case: Case, device: torch.device):
@@ -156,6 +155,8 @@ def measure_mode(case: Case, mode: str, device: torch.device, warmup: int, steps
         row["peak_source"] = "whole-step tracker (CPU)"
     if reversible is not None:
         row["reversible"] = reversible.status()
+        if "predicted_peak_bytes" in row["reversible"]:  # the plan's own prediction, before any step ran
+            row["predicted_bytes"] = row["reversible"]["predicted_peak_bytes"]
         reversible.teardown()
     non_finite = [loss for loss in losses if not math.isfinite(loss)]
     if non_finite:
