@@ -220,7 +220,7 @@ def table_lines(results: dict) -> list[str]:
 
 
 def append_table(results: dict, path: Path) -> None:
-    """Add this run's table under the benchmark's section of `path` (earlier runs stay)."""
+    """Add this run's table at the end of the benchmark's section of `path` (earlier runs stay)."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     if SECTION not in text:
         text = text.rstrip("\n") + (
@@ -230,7 +230,11 @@ def append_table(results: dict, path: Path) -> None:
             "step. bwsk_reversible_budget's budget: halfway between the predicted peaks of recomputing everything "
             "and of the default plan. loss diff: first-step loss against conventional.\n"
         )
-    path.write_text(text.rstrip("\n") + "\n\n" + "\n".join(table_lines(results)) + "\n", encoding="utf-8")
+    # At the end of this section: other benchmarks' sections may follow it.
+    section_end = text.find("\n## ", text.index(SECTION) + len(SECTION))
+    head, tail = (text, "") if section_end < 0 else (text[:section_end], text[section_end:])
+    table = "\n".join(table_lines(results))
+    path.write_text(head.rstrip("\n") + "\n\n" + table + "\n" + tail, encoding="utf-8")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
