@@ -1,6 +1,6 @@
 """The CUDA tests and the published memory/time comparison, in one command.
 
-    PYTHONPATH=. python benchmarks/gpu.py --out DIR [--cpu] [--steps 20] [--warmup 3]
+    PYTHONPATH=. python benchmarks/gpu.py --out DIR [--cpu] [--steps 20] [--warmup 3] [--cases NAME ...]
                                           [--skip-tests] [--benchmarks docs/BENCHMARKS.md | --no-append]
 
 1. Runs `pytest -m cuda tests/test_cuda.py` in a subprocess (JUnit XML and log in DIR).
@@ -48,6 +48,7 @@ TARGETS = {
     "mamba-130m": {"peak_ratio": 0.55, "step_ratio": 1.15},
 }
 BASELINE_FOR_1B = "hf_checkpointing_fused_loss"
+CASE_NAMES = ("pythia-70m", "mamba-130m", "llama-1b-class")
 
 
 def _shipped(name: str, **overrides):
@@ -126,7 +127,7 @@ def measure_case(case: Case, device: torch.device, warmup: int, steps: int) -> d
         except Exception as error:  # noqa: BLE001 - recorded in the results and the exit status
             traceback.print_exc()
             rows.append({"mode": mode, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"})
-            release(device)
+        release(device)  # outside `except`: the traceback's frames still hold that mode's model there
         print(json.dumps({"case": case.name, **rows[-1]}), flush=True)
     return {"model": case.name, "batch_size": case.batch_size, "seq_len": case.seq_len,
             "precision": case.precision, **case.notes, "modes": with_ratios(rows)}
@@ -243,6 +244,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="run the logic on the CPU at small shapes (a check)")
     parser.add_argument("--steps", type=int, help="timed steps per mode (default: 20, or 2 with --cpu)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 3, or 1 with --cpu)")
+    parser.add_argument("--cases", nargs="+", choices=CASE_NAMES, default=list(CASE_NAMES),
+                        help="which models to compare (default: all; each run appends its own table)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run `pytest -m cuda` first")
     parser.add_argument("--benchmarks", type=Path, default=BENCHMARKS, help="the Markdown file to append rows to")
     parser.add_argument("--no-append", action="store_true", help="leave the Markdown file alone")
@@ -261,7 +264,8 @@ def main(argv=None) -> int:
     if args.cpu:
         torch.set_num_threads(1)  # toy shapes gain nothing from threads; OpenMP spin-waiting costs 5x on busy CPUs
     tests = None if args.skip_tests else run_cuda_tests(args.out)
-    case_results = [measure_case(case, device, args.warmup, args.steps) for case in cases(args.cpu)]
+    chosen = [case for case in cases(args.cpu) if case.name in args.cases]
+    case_results = [measure_case(case, device, args.warmup, args.steps) for case in chosen]
     results = {"benchmark": "gpu", **provenance(), "cpu": args.cpu, "warmup": args.warmup, "steps": args.steps,
                "seed": SEED, "cuda_tests": tests, "cases": case_results,
                "targets": [check for case in case_results for check in check_targets(case)]}

@@ -161,8 +161,6 @@ def measure_mode(case: Case, mode: str, device: torch.device, warmup: int, steps
     non_finite = [loss for loss in losses if not math.isfinite(loss)]
     if non_finite:
         return {"mode": mode, "error": f"{len(non_finite)} of {len(losses)} step losses were not finite"}
-    del stepper, model, batch
-    release(device)
     return row
 
 

@@ -27,7 +27,7 @@ def test_gpu_command_and_cuda_tests_import_without_datasets_evaluate_matplotlib(
         "for name in ('datasets', 'evaluate', 'matplotlib'): sys.modules[name] = None\n"
         f"sys.path[:0] = [{str(ROOT / 'benchmarks')!r}, {str(ROOT / 'tests')!r}]\n"
         "import gpu, gpu_step, test_cuda\n"
-        "gpu.cases(cpu=False); gpu.cases(cpu=True)\n"
+        "for cpu in (False, True): assert [c.name for c in gpu.cases(cpu)] == list(gpu.CASE_NAMES)\n"
         "print('imported')\n"
     )
     result = run_python(["-c", script])
