@@ -106,6 +106,9 @@ def run_cuda_tests(out: Path) -> dict:
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     (out / "cuda_tests.log").write_text(result.stdout + result.stderr, encoding="utf-8")
     print(result.stdout[-3000:], flush=True)
+    if not junit.exists():  # pytest did not start (not installed, bad arguments): one error, see the log
+        return {"returncode": result.returncode, "tests": 0, "failures": 0, "errors": 1, "skipped": 0, "passed": 0,
+                "log": "cuda_tests.log", "junit": None}
     suite = ElementTree.parse(junit).getroot()
     suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
     counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
