@@ -71,17 +71,17 @@ def apply_mode(mode: str, model, batch: dict, budget: int | None):
     """Switch `model` to `mode`; returns the ReversibleMode for the bwsk modes (else None)."""
     from hf_bwsk.analysis import find_decoder_layers
     from hf_bwsk.memory import ReversibleMode
+    from hf_bwsk.memory.checkpointing import enable_checkpointing
 
     if mode == "hf_checkpointing":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, {"use_reentrant": False})
     elif mode == "hf_checkpointing_offload":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=True)
     elif mode == "torch_selective_save_matmuls":
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         context_fn = functools.partial(create_selective_checkpoint_contexts, _MATMUL_OPS)
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+        enable_checkpointing(model, {"use_reentrant": False, "context_fn": context_fn})
     elif mode.startswith("bwsk_reversible"):
         reversible = ReversibleMode(
             model, find_layers=find_decoder_layers,
@@ -204,7 +204,7 @@ def append_table(results: dict) -> None:
 
 
 def main() -> None:
-    from hf_bwsk.training.args import parse_byte_size
+    from hf_bwsk.memory.byte_size import parse_byte_size
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -212,8 +212,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, help="override every model's sequence length")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per mode (median reported)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--budget", help="bwsk_reversible_budget's byte budget, e.g. 300MB (default: halfway "
-                        "between full recomputation and the default plan)")
+    parser.add_argument("--budget", help="bwsk_reversible_budget's whole-step peak budget, e.g. 1300MB (default: "
+                        "halfway between the predicted peaks of full recomputation and of the default plan)")
     parser.add_argument("--no-append", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
     if args.threads:
@@ -226,8 +226,8 @@ def main() -> None:
         rows = []
         for mode in MODES:
             if mode == "bwsk_reversible_budget" and budget is None:
-                plan = rows[-1]["reversible"]["plan"]
-                budget = (plan["minimum_bytes"] + plan["kept_bytes_estimate"]) // 2
+                status = rows[-1]["reversible"]
+                budget = (status["minimum_peak_bytes"] + status["predicted_peak_bytes"]) // 2
             rows.append(measure(name, mode, batch_size, seq_len, args.steps, budget))
             print(json.dumps(rows[-1]), flush=True)
         models.append({"model": name, "batch_size": batch_size, "seq_len": seq_len, "modes": with_ratios(rows)})
