@@ -37,7 +37,7 @@ from xml.etree import ElementTree
 import torch
 from gpu_step import MODES, Case, measure_mode, release
 from memory import SEED
-from provenance import ROOT, provenance
+from provenance import ROOT, append_to_section, provenance
 
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## CUDA comparison (`benchmarks/gpu.py`)"
@@ -225,20 +225,14 @@ def table_lines(results: dict) -> list[str]:
 
 def append_table(results: dict, path: Path) -> None:
     """Add this run's table at the end of the benchmark's section of `path` (earlier runs stay)."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + (
-            f"\n\n{SECTION}\n\npeak: `torch.cuda.max_memory_allocated` over the timed steps (with `--cpu`: the "
-            "whole-step tracker's). estimate: the whole-step peak tracker (`step_peak`, the CPU estimate) on one "
-            "more step of the same shapes. predicted: the bwsk plan's own peak prediction, made before the first "
-            "step. bwsk_reversible_budget's budget: halfway between the predicted peaks of recomputing everything "
-            "and of the default plan. loss diff: first-step loss against conventional.\n"
-        )
-    # At the end of this section: other benchmarks' sections may follow it.
-    section_end = text.find("\n## ", text.index(SECTION) + len(SECTION))
-    head, tail = (text, "") if section_end < 0 else (text[:section_end], text[section_end:])
-    table = "\n".join(table_lines(results))
-    path.write_text(head.rstrip("\n") + "\n\n" + table + "\n" + tail, encoding="utf-8")
+    intro = (
+        "peak: `torch.cuda.max_memory_allocated` over the timed steps (with `--cpu`: the whole-step tracker's). "
+        "estimate: the whole-step peak tracker (`step_peak`, the CPU estimate) on one more step of the same "
+        "shapes. predicted: the bwsk plan's own peak prediction, made before the first step. "
+        "bwsk_reversible_budget's budget: halfway between the predicted peaks of recomputing everything and of "
+        "the default plan. loss diff: first-step loss against conventional."
+    )
+    append_to_section(SECTION, intro, table_lines(results), path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ import statistics
 import time
 
 import torch
-from provenance import ROOT, provenance
+from provenance import ROOT, append_to_section, provenance
 
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Memory per training mode (`benchmarks/memory.py`)"
@@ -192,15 +192,13 @@ def append_table(results: dict) -> None:
                 f"| {_cell(row, 'cpu_step_s', '.2f')} | {_cell(row, 'cpu_step_s_ratio', '.2f')} | {peak} "
                 f"| {_cell(row, 'gpu_step_s_ratio', '.2f')} | {row['loss_abs_diff']:.1e} |"
             )
-    text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + (
-            f"\n\n{SECTION}\n\nkept MB: activation bytes kept for backward after one forward (the fused loss's "
-            "precomputed head-weight gradient, the `.grad` backward allocates anyway, is not counted). "
-            "FLOPs: matmul/attention FLOPs of one forward + backward, recompute included. CPU wall time "
-            "swings by ~30% run to run on shared machines: judge recompute by FLOPs.\n"
-        )
-    BENCHMARKS.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    intro = (
+        "kept MB: activation bytes kept for backward after one forward (the fused loss's precomputed "
+        "head-weight gradient, the `.grad` backward allocates anyway, is not counted). FLOPs: matmul/attention "
+        "FLOPs of one forward + backward, recompute included. CPU wall time swings by ~30% run to run on shared "
+        "machines: judge recompute by FLOPs."
+    )
+    append_to_section(SECTION, intro, lines)
 
 
 def main() -> None:

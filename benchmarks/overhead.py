@@ -28,7 +28,7 @@ import time
 import timeit
 
 import torch
-from provenance import ROOT, provenance
+from provenance import ROOT, append_to_section, provenance
 
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Overhead of the reversible mode on a tiny model (`benchmarks/overhead.py`)"
@@ -160,10 +160,7 @@ def append(result: dict) -> None:
         low, _, high = result["quartiles_ms"][mode]
         lines.append(f"| {mode} | {result['median_step_ms'][mode]:.2f} | {low:.2f}-{high:.2f} | "
                      f"{result['ratio_to_hf_checkpointing'][mode]:.3f} |")
-    text = BENCHMARKS.read_text(encoding="utf-8")
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-    BENCHMARKS.write_text(text.rstrip("\n") + "\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    append_to_section(SECTION, "", lines)
 
 
 def main():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from provenance import append_to_section
+
 _MB = 2**20
 
 
@@ -60,21 +62,19 @@ def append_tables(results: list[dict], benchmarks: Path, section: str) -> None:
     ]
     for result in results:
         lines += table(result) + [""]
-    text = benchmarks.read_text(encoding="utf-8") if benchmarks.exists() else "# Benchmarks\n"
-    if section not in text:
-        text = text.rstrip("\n") + (
-            f"\n\n{section}\n\npeak: whole-step peak, the most bytes alive at once over forward, backward and the "
-            "AdamW step (weights, grads, optimizer state, activations, transients; `hf_bwsk.memory.step_peak`, "
-            "what `torch.cuda.max_memory_allocated` reports less allocator slack), split at the peak into "
-            "training state and activations/transients. kept: bytes the forward leaves alive for backward "
-            "(activations only: the fused loss' head-weight gradient, the `.grad` every mode allocates, apart). FLOPs: matmul/attention FLOPs of forward + "
-            "backward, recompute included. x: ratio to conventional in the same run. CPU step time: of the "
-            "tracked step on shared cores, noisy. Last column: whether some bwsk plan of the same run keeps no "
-            "more bytes at no more FLOPs than that baseline. The Llama shape has one decoder layer: its layers' "
-            "bytes and FLOPs scale linearly with the layer count (x16 for Llama-3.2-1B), the embeddings, head "
-            "and loss do not.\n"
-        )
-    benchmarks.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    intro = (
+        "peak: whole-step peak, the most bytes alive at once over forward, backward and the "
+        "AdamW step (weights, grads, optimizer state, activations, transients; `hf_bwsk.memory.step_peak`, "
+        "what `torch.cuda.max_memory_allocated` reports less allocator slack), split at the peak into "
+        "training state and activations/transients. kept: bytes the forward leaves alive for backward "
+        "(activations only: the fused loss' head-weight gradient, the `.grad` every mode allocates, apart). FLOPs: matmul/attention FLOPs of forward + "
+        "backward, recompute included. x: ratio to conventional in the same run. CPU step time: of the "
+        "tracked step on shared cores, noisy. Last column: whether some bwsk plan of the same run keeps no "
+        "more bytes at no more FLOPs than that baseline. The Llama shape has one decoder layer: its layers' "
+        "bytes and FLOPs scale linearly with the layer count (x16 for Llama-3.2-1B), the embeddings, head "
+        "and loss do not."
+    )
+    append_to_section(section, intro, lines, benchmarks)
 
 
 def plot(results: list[dict], png: str) -> None:

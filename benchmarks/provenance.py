@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 
 
 def git_commit() -> str:
@@ -22,3 +23,15 @@ def provenance() -> dict:
         "device": device_description(),
         "versions": versions(),
     }
+
+
+def append_to_section(section: str, intro: str, lines: list[str], path: Path = BENCHMARKS) -> None:
+    """Add ``lines`` at the end of ``section`` of ``path`` (a ``## `` heading; other sections may follow it),
+    creating the section with ``intro`` under it first if needed. Earlier runs' rows stay."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if section not in text:
+        text = text.rstrip("\n") + f"\n\n{section}\n" + (f"\n{intro}\n" if intro else "")
+    section_end = text.find("\n## ", text.index(section) + len(section))
+    head, tail = (text, "") if section_end < 0 else (text[:section_end], text[section_end:])
+    block = "\n".join(lines).strip("\n")
+    path.write_text(head.rstrip("\n") + "\n\n" + block + "\n" + tail, encoding="utf-8")

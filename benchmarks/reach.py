@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
-from provenance import ROOT, provenance
+from provenance import ROOT, append_to_section, provenance
 
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## The mode with TRL and PEFT (`benchmarks/reach.py`)"
@@ -150,14 +150,12 @@ def append_table(results: dict) -> None:
         lines.append(f"| {row['group']} | {row['mode']} | {row['activation_bytes'] / _MB:.2f} "
                      f"| {row['activation_bytes_ratio']:.3f} | {row['train_flops_ratio']:.3f} "
                      f"| {row['loss_abs_diff']:.1e} |")
-    text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + (
-            f"\n\n{SECTION}\n\nkept MB: activation bytes kept for backward after one forward (the fused loss's "
-            "precomputed head-weight gradient is not counted). FLOPs: matmul/attention FLOPs of one forward + "
-            "backward, recompute included. TRL rows use TRL's own loss path (its chunked fused head).\n"
-        )
-    BENCHMARKS.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    intro = (
+        "kept MB: activation bytes kept for backward after one forward (the fused loss's precomputed head-weight "
+        "gradient is not counted). FLOPs: matmul/attention FLOPs of one forward + backward, recompute included. "
+        "TRL rows use TRL's own loss path (its chunked fused head)."
+    )
+    append_to_section(SECTION, intro, lines)
 
 
 def main() -> None:
