@@ -316,6 +316,16 @@ def test_a_budget_below_the_minimum_is_refused_before_anything_is_written(tmp_pa
     assert not out.exists(), "nothing may be written before every check passed"
 
 
+def test_a_budget_below_the_whole_step_floor_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(BWSKError) as caught:
+        # Above the decoder-layer inputs (262,144 B), below weights + gradients + AdamW state of the tiny model.
+        run_in_process(out, "--modes", "reversible", "--bwsk_memory_budget", "1MB")
+    message = str(caught.value)
+    assert "below the minimum whole-step peak" in message and "\n" not in message, message
+    assert not out.exists(), "nothing may be written before every check passed"
+
+
 def test_too_short_data_leaves_the_output_dir_as_it_was_and_the_fix_reruns(tmp_path):
     from hf_bwsk.experiments.data import SPLITS
 

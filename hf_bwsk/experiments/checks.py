@@ -27,9 +27,9 @@ def effective_hyperparameters(preset: Preset, args: ExperimentArguments, trainin
     tiny_base = isinstance(preset.base, TinyBase) and not args.base_model
     found = {
         "finetune_learning_rate": training_args.learning_rate,
-        "scratch_learning_rate": _given_or(args.scratch_learning_rate, preset.scratch_learning_rate),
+        "scratch_learning_rate": given_or(args.scratch_learning_rate, preset.scratch_learning_rate),
         "block_size": block_size,
-        "max_epochs": _given_or(args.max_epochs, preset.max_epochs),
+        "max_epochs": given_or(args.max_epochs, preset.max_epochs),
         "early_stopping_patience": args.early_stopping_patience,
         "world_size": training_args.world_size,
         "base_model": "tiny base, pretrained offline" if tiny_base else (args.base_model or preset.base),
@@ -63,51 +63,42 @@ def check_precision(training_args: BWSKTrainingArguments) -> None:
 
 
 def check_memory_budget(config, training_args: BWSKTrainingArguments, block_size: int, modes: tuple) -> None:
-    """Refuse a ``--bwsk_memory_budget`` below what checkpointing keeps at the least (the decoder-layer
-    inputs of one batch), measured on the meta device at the run's shape before any training."""
+    """Refuse a ``--bwsk_memory_budget`` the reversible variants cannot meet, before any training.
+
+    Two floors, measured on the meta device at the run's shape with the mechanism the reversible mode
+    uses at its first step (`memory.layer_trace` and `memory.budget`): the decoder-layer inputs of one
+    batch (kept even when everything is recomputed), then the whole-step peak of full recomputation
+    (weights, gradients and optimizer state included).
+    """
     budget = training_args.bwsk_memory_budget_bytes
     if budget is None or "reversible" not in modes:
         return
-    minimum = decoder_layer_input_bytes(config, training_args.per_device_train_batch_size, block_size)
-    if budget < minimum:
-        raise BWSKError(
-            f"--bwsk_memory_budget {budget:,} bytes is below the minimum {minimum:,} bytes (the decoder-layer "
-            f"inputs of a batch of {training_args.per_device_train_batch_size} x {block_size}, kept even when "
-            "everything is recomputed): raise it to at least that"
-        )
-
-
-def decoder_layer_input_bytes(config, batch_size: int, seq_len: int) -> int:
-    """Bytes of the tensors entering every decoder layer in one forward, traced on the meta device
-    (what ``memory.plan.plan_recompute`` calls the minimum)."""
     from transformers import AutoModelForCausalLM
 
     from ..analysis import find_decoder_layers
-    from ..analysis.trace import trace_call
+    from ..memory.budget import kept_bytes_budget, step_shape, training_state_bytes
+    from ..memory.layer_trace import trace_layers
+    from ..memory.loss import auto_chunk_size
 
+    batch_size = training_args.per_device_train_batch_size
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    input_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device="meta")
     layers_path, layers = find_decoder_layers(model)
-    seen = [0]
-
-    def count(module, inputs):
-        seen[0] += sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
-
-    def forward(ids):
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-
-    handles = [layer.register_forward_pre_hook(count) for layer in layers]
-    try:
-        # The analysis' tracer runs the meta forward as the analysis does (values meta tensors lack included).
-        trace_call(forward, torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta"),
-                   model=model, layers_path=layers_path)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen[0]
+    trace = trace_layers(model, layers_path, layers, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+    minimum = sum(trace.layer_input_bytes) * trace.batch_size
+    if budget < minimum:
+        raise BWSKError(
+            f"--bwsk_memory_budget {budget:,} bytes is below the minimum {minimum:,} bytes (the decoder-layer "
+            f"inputs of a batch of {batch_size} x {block_size}, kept even when everything is recomputed): "
+            "raise it to at least that"
+        )
+    head_weight = model.get_output_embeddings().weight
+    chunk = training_args.bwsk_loss_chunk_size or auto_chunk_size(input_ids.numel(), *head_weight.shape[::-1])
+    kept_bytes_budget(budget, step_shape(trace, training_state_bytes(model), head_weight, chunk), minimum)
 
 
-def _given_or(value, default):
+def given_or(value, default):
     """A flag's value, or the preset's when the flag was not given (0 is a given value)."""
     return default if value is None else value
 

@@ -20,6 +20,7 @@ from .checks import (
     check_flags,
     check_memory_budget,
     effective_hyperparameters,
+    given_or,
     run_identity,
 )
 from .data import (
@@ -54,7 +55,7 @@ def run_grid(preset: Preset, args: ExperimentArguments, training_args: BWSKTrain
     ``callbacks`` are added to every variant's trainer. Every input check happens before anything
     is written: a run refused before training leaves the output directory as it was.
     """
-    with _torch_threads(_given_or(args.torch_threads, preset.torch_threads)):
+    with _torch_threads(given_or(args.torch_threads, preset.torch_threads)):
         return _run_grid(preset, args, training_args, callbacks)
 
 
@@ -74,7 +75,7 @@ def _run_grid(preset, args, training_args, callbacks) -> GridRun:
     from transformers import AutoConfig
 
     check_flags(args, training_args)
-    block_size = _given_or(args.block_size, preset.block_size)
+    block_size = given_or(args.block_size, preset.block_size)
     hyperparameters = effective_hyperparameters(preset, args, training_args, block_size)
     identity = run_identity(preset, training_args, hyperparameters)
     run_dir = RunDirectory(training_args.output_dir)
@@ -207,8 +208,3 @@ def _provenance(preset, args, grid, dataset, hyperparameters, runs) -> dict:
     return {"model_name": model_name, "hf_id": hf_id, "analysis": analysis, "params": params,
             "seed": grid.training_args.seed, "device": device_description(), "versions": versions(),
             "dataset": dataset, "hyperparameters": hyperparameters}
-
-
-def _given_or(value, default):
-    """A flag's value, or the preset's when the flag was not given (0 is a given value)."""
-    return default if value is None else value
