@@ -8,7 +8,9 @@ median of many steps:
 * `hf_checkpointing`: HF activation checkpointing of every layer (non-reentrant);
 * `torch_sac_keep_matmuls`: torch selective checkpointing with a constant policy (keep matmul and
   attention outputs): the cost of torch's per-op dispatch mode alone;
-* `bwsk_reversible`: `ReversibleMode` (the plan's policy + the fused loss).
+* `bwsk_reversible`: `ReversibleMode` (the plan + the fused loss), as it runs by default: scoped
+  execution (plain checkpointing, keep/replay only inside the modules holding kept ops);
+* `bwsk_reversible_per_op`: the same plan run per op, through torch's selective-checkpoint mode.
 
 Also the cost of one policy call (ours against the constant policy) in microseconds. Ratios are to
 `hf_checkpointing` from the same run (the target: reversible <= 1.05x). Prints JSON and appends a
@@ -32,7 +34,7 @@ from provenance import ROOT, append_to_section, provenance
 
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Overhead of the reversible mode on a tiny model (`benchmarks/overhead.py`)"
-MODES = ("conventional", "hf_checkpointing", "torch_sac_keep_matmuls", "bwsk_reversible")
+MODES = ("conventional", "hf_checkpointing", "torch_sac_keep_matmuls", "bwsk_reversible", "bwsk_reversible_per_op")
 _KEEP_MATMULS = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default]
 
@@ -50,7 +52,7 @@ def build(args) -> torch.nn.Module:
 
 
 def prepare(mode: str, model, batch):
-    """Switch ``mode`` on; returns the ReversibleMode for `bwsk_reversible` (None otherwise)."""
+    """Switch ``mode`` on; returns the ReversibleMode for the `bwsk_reversible*` modes (None otherwise)."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     if mode == "hf_checkpointing":
@@ -59,11 +61,12 @@ def prepare(mode: str, model, batch):
         context_fn = functools.partial(create_selective_checkpoint_contexts, _KEEP_MATMULS)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False,
                                                                                "context_fn": context_fn})
-    elif mode == "bwsk_reversible":
+    elif mode.startswith("bwsk_reversible"):
         from hf_bwsk.analysis import find_decoder_layers
         from hf_bwsk.memory import ReversibleMode
 
-        reversible = ReversibleMode(model, find_layers=find_decoder_layers)
+        execution = "per_op" if mode.endswith("per_op") else "auto"
+        reversible = ReversibleMode(model, find_layers=find_decoder_layers, execution=execution)
         reversible.install_forward()
         reversible.setup(batch)
         return reversible
@@ -80,7 +83,7 @@ def step_seconds(model, optimizer, batch) -> tuple[float, float]:
 
 
 def policy_call_microseconds(reversible) -> dict:
-    """One call of the plan's policy and of a constant policy, on an op the plan keeps (a matmul)."""
+    """One call of the plan's per-op policy and of a constant policy, on an op the plan keeps (a matmul)."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     class Forward:
@@ -115,7 +118,8 @@ def run(args) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     models = {mode: build(args) for mode in MODES}
-    reversible = {mode: prepare(mode, models[mode], batch) for mode in MODES}["bwsk_reversible"]
+    reversible = {mode: prepare(mode, models[mode], batch) for mode in MODES}
+    scoped, per_op = reversible["bwsk_reversible"], reversible["bwsk_reversible_per_op"]
     optimizers = {mode: torch.optim.AdamW(models[mode].parameters(), lr=1e-3) for mode in MODES}
     times = {mode: [] for mode in MODES}
     losses = {mode: [] for mode in MODES}
@@ -129,7 +133,7 @@ def run(args) -> dict:
         if not all(torch.isfinite(torch.tensor(losses[mode]))):
             raise SystemExit(f"{mode}: non-finite loss, no result reported")
     median_ms = {mode: statistics.median(times[mode]) * 1e3 for mode in MODES}
-    fidelity = {key: value for key, value in reversible.policy.fidelity.items() if key != "first_misses"}
+    fidelity = {key: value for key, value in scoped.policy.fidelity.items() if key != "first_misses"}
     return {
         "shape": {"layers": args.layers, "hidden": args.hidden, "batch_size": args.batch_size,
                   "seq_len": args.seq_len, "vocab": args.vocab},
@@ -138,9 +142,10 @@ def run(args) -> dict:
         "median_step_ms": median_ms,
         "quartiles_ms": {mode: [q * 1e3 for q in statistics.quantiles(times[mode], n=4)] for mode in MODES},
         "ratio_to_hf_checkpointing": {mode: median_ms[mode] / median_ms["hf_checkpointing"] for mode in MODES},
-        "max_loss_diff_to_conventional": max(abs(a - b) for a, b in zip(losses["bwsk_reversible"],
-                                                                         losses["conventional"])),
-        "policy_call": policy_call_microseconds(reversible),
+        "execution": scoped.status()["execution"],
+        "max_loss_diff_to_conventional": max(abs(a - b) for mode in MODES if mode.startswith("bwsk_reversible")
+                                             for a, b in zip(losses[mode], losses["conventional"])),
+        "policy_call": policy_call_microseconds(per_op),
         "plan_fidelity": fidelity,
         **provenance(),
     }

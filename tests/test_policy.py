@@ -16,11 +16,20 @@ from hf_bwsk.memory.plan import OpKey, known_cheap, plan_recompute
 from hf_bwsk.memory.policy import LayerPathTracker, SelectivePolicy
 
 
-def reversible(model, batch):
-    mode = ReversibleMode(model, find_layers=find_decoder_layers, loss_chunk_size=24)
+def reversible(model, batch, execution="auto"):
+    mode = ReversibleMode(model, find_layers=find_decoder_layers, loss_chunk_size=24, execution=execution)
     mode.install_forward()
     mode.setup(batch)
     return mode
+
+
+def visible_plan(mode) -> dict:
+    """The plan's decisions the run-time policy sees: all of them per-op, those inside scopes when scoped."""
+    planned = {key: key in mode.plan.keep for key in mode.plan.keep | mode.plan.recompute}
+    if mode.status()["execution"] == "scoped":
+        assert all(mode.policy.visible(key) for key in mode.plan.keep), "every kept op runs in a scope"
+        planned = {key: keep for key, keep in planned.items() if mode.policy.visible(key)}
+    return planned
 
 
 def record(index, op, flops=0, output_shape=(1, 8, 32), layer=0, data_path=True, producers=(), kind="Gray"):
@@ -35,16 +44,18 @@ def record(index, op, flops=0, output_shape=(1, 8, 32), layer=0, data_path=True,
     )
 
 
+@pytest.mark.parametrize("execution", ["scoped", "per_op"])
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
-def test_run_time_decisions_are_the_plans_and_every_planned_op_is_hit(arch):
+def test_run_time_decisions_are_the_plans_and_every_planned_op_is_hit(arch, execution):
     model = tiny_model(arch)
     model.train()
     batch = tiny_batch(2, 24)
-    mode = reversible(model, batch)
+    mode = reversible(model, batch, execution)
+    assert mode.status()["execution"] == execution
     mode.policy.decisions = {}
     model(**batch).loss.backward()
-    decisions, plan = mode.policy.decisions, mode.plan
-    planned = {key: key in plan.keep for key in plan.keep | plan.recompute}
+    decisions = mode.policy.decisions
+    planned = visible_plan(mode)
     assert planned, "the plan holds no decisions to check"
     run_time = {key: keep for key, keep in decisions.items() if key in planned}
     assert run_time == planned, f"run-time decisions differ from the plan: {set(run_time.items()) ^ set(planned.items())}"
@@ -58,7 +69,8 @@ def test_run_time_decisions_are_the_plans_and_every_planned_op_is_hit(arch):
     mode.teardown()
 
 
-def test_batches_of_varying_length_keep_hitting_the_plan_with_exact_gradients():
+@pytest.mark.parametrize("execution", ["scoped", "per_op"])
+def test_batches_of_varying_length_keep_hitting_the_plan_with_exact_gradients(execution):
     # Dynamic padding: every batch has its own length; the plan, traced on the first, must still apply.
     conventional, model = tiny_model("gpt_neox"), tiny_model("gpt_neox")
     conventional.train()
@@ -66,7 +78,7 @@ def test_batches_of_varying_length_keep_hitting_the_plan_with_exact_gradients():
     batches = [tiny_batch(2, seq_len, seed=seq_len) for seq_len in (24, 9, 40, 17)]
     batches[2]["attention_mask"][1, -11:] = 0
     batches[2]["labels"][1, -11:] = -100
-    mode = reversible(model, batches[0])
+    mode = reversible(model, batches[0], execution)
     hits_per_batch = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a miss would warn
@@ -81,7 +93,7 @@ def test_batches_of_varying_length_keep_hitting_the_plan_with_exact_gradients():
             assert_tensors_close(loss, expected, rtol=1e-5, atol=1e-6, name=f"loss at length {batch['input_ids'].shape[1]}")
             assert_grads_close(model, conventional, rtol=1e-5, atol=1e-6)
             hits_per_batch.append(mode.policy.fidelity["plan_hits"] - hits_before)
-    planned = len(mode.plan.keep | mode.plan.recompute)
+    planned = len(visible_plan(mode))
     assert hits_per_batch == [planned] * len(batches), f"plan hits per batch {hits_per_batch}, plan size {planned}"
     assert mode.policy.fidelity["plan_misses"] == 0
     mode.teardown()
@@ -91,7 +103,7 @@ def test_an_op_the_plan_never_saw_is_counted_and_warned_about_once():
     model = tiny_model("gpt_neox")
     model.train()
     batch = tiny_batch(2, 16)
-    mode = reversible(model, batch)
+    mode = reversible(model, batch, "per_op")
     # A plan that lost one layer's keys: that layer's expensive ops all miss.
     plan = mode.plan
     mode.policy.plan = dataclasses.replace(plan, keep=frozenset(k for k in plan.keep if k.layer != 1),
@@ -103,6 +115,32 @@ def test_an_op_the_plan_never_saw_is_counted_and_warned_about_once():
     assert sum("not in the recompute plan" in str(w.message) for w in caught) == 1, "warn once, not per op"
     fidelity = mode.status()["plan_fidelity"]
     assert fidelity["plan_misses"] == 2 * lost and fidelity["first_misses"][0].startswith("1:")
+    mode.teardown()
+
+
+def test_scoped_counts_unplanned_ops_in_scopes_and_kept_ops_that_did_not_run():
+    model = tiny_model("gpt_neox")
+    model.train()
+    batch = tiny_batch(2, 16)
+    mode = reversible(model, batch, "scoped")
+    plan = mode.plan
+    # Layer 1's keys lost: its ops in scopes are unplanned expensive ops, kept by rule and counted as misses.
+    mode.policy.plan = dataclasses.replace(plan, keep=frozenset(k for k in plan.keep if k.layer != 1),
+                                           recompute=frozenset(k for k in plan.recompute if k.layer != 1))
+    lost = sum(1 for key in plan.keep | plan.recompute if key.layer == 1 and mode.policy.visible(key))
+    with pytest.warns(UserWarning, match="not in the recompute plan") as caught:
+        model(**batch).loss.backward()
+        model(**batch).loss.backward()
+    assert sum("not in the recompute plan" in str(w.message) for w in caught) == 1, "warn once, not per op"
+    fidelity = mode.status()["plan_fidelity"]
+    assert lost and fidelity["plan_misses"] == 2 * lost and fidelity["first_misses"][0].startswith("1:")
+    # A kept op of layer 0 that the forward never runs (a later occurrence in a scope): a miss per forward.
+    ghost = OpKey(0, "attention", "aten.bmm.default", 7)
+    assert mode.policy.visible(ghost)
+    mode.policy.plan = dataclasses.replace(plan, keep=plan.keep | {ghost})
+    with pytest.warns(UserWarning, match="did not run in its forward"):
+        model(**batch).loss.backward()
+    assert mode.status()["plan_fidelity"]["plan_misses"] == 2 * lost + 1
     mode.teardown()
 
 
@@ -149,6 +187,7 @@ def test_status_counts_reach_the_results_file(tmp_path):
     trainer, _ = train("gpt_neox", tmp_path, mode="reversible", steps=2)
     results = json.loads((tmp_path / "training_results.json").read_text())
     fidelity = results["reversible"]["plan_fidelity"]
-    planned = len(trainer.reversible_mode.plan.keep | trainer.reversible_mode.plan.recompute)
+    planned = len(visible_plan(trainer.reversible_mode))
+    assert results["reversible"]["execution"] == "scoped"
     assert fidelity["plan_hits"] == 2 * planned and fidelity["plan_misses"] == 0, fidelity
     assert torch.isfinite(torch.tensor(results["final_train_loss"]))

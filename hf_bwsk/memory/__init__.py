@@ -1,7 +1,8 @@
 """The memory layer: what backward keeps and what it recomputes, the fused loss, and measurement.
 
 * `plan.py`: the recompute plan, read off the S/K analysis' records;
-* `policy.py`: the selective-checkpoint policy that applies it at run time;
+* `scoped.py`, `policy.py`: the plan applied at run time, inside the modules that hold kept ops
+  (scoped) or per op through torch's selective-checkpoint mode;
 * `loss.py`: the fused linear cross-entropy that never holds the logits;
 * `support.py`, `layer_trace.py`, `apply.py`: the support probe, the first-batch trace, and
   `ReversibleMode` / `apply_reversible`, which install and remove both on a model

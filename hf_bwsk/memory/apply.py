@@ -4,8 +4,10 @@ Two pieces, each usable alone:
 
 * the **layer policy**: every decoder layer is checkpointed by HF's activation checkpointing (the
   layers are `GradientCheckpointingLayer`s) with non-reentrant `torch.utils.checkpoint` and a
-  `context_fn` from `create_selective_checkpoint_contexts`. Its policy keeps or recomputes each op as
-  the `RecomputePlan` says (`plan.py`, applied by `policy.py`), the plan being derived from the S/K
+  `context_fn` that keeps or recomputes each op as the `RecomputePlan` says (`plan.py`): by default
+  only inside the modules that run kept ops (`scoped.py`, no dispatch mode elsewhere in the layer),
+  else through torch's selective-checkpoint dispatch mode over the whole layer (`policy.py`,
+  `execution="per_op"`, also under `torch.compile`), the plan being derived from the S/K
   analysis' records of the first training batch: the tracer runs once on that batch, inside the
   training forward and so under its autocast, so the plan's keys, kinds, widths and bytes are the
   trained ones.
@@ -56,9 +58,11 @@ from .layer_trace import trace_layers
 from .loss import auto_chunk_size, fused_linear_cross_entropy
 from .plan import RecomputePlan, plan_recompute
 from .policy import LayerPathTracker, SelectivePolicy
+from .scoped import ScopedExecution, scopes_of
 from .support import LOSS_ONLY_INPUTS, head_mismatch, is_shard
 
 LOSSES = ("fused", "model")
+EXECUTIONS = ("auto", "scoped", "per_op")
 # Tokens of the synthetic batch that checks the output head at construction.
 _HEAD_CHECK_TOKENS = 16
 
@@ -98,6 +102,11 @@ class ReversibleMode:
         loss_chunk_size: tokens per chunk of the fused loss (None: `auto_chunk_size` per batch).
         memory_budget_bytes: optional whole-step peak budget in bytes (see `budget.py`): the plan keeps
             what fits under it.
+        execution: how the plan runs in the checkpointed layers: `"scoped"` (plain checkpointing, keep and
+            replay only inside the modules that hold kept ops: `scoped.py`), `"per_op"` (torch's
+            selective-checkpoint dispatch mode over the whole layer: `policy.py`), or `"auto"` (scoped
+            where the plan can be scoped and the forward is not compiled, else per-op). The status says
+            which ran.
     """
 
     def __init__(
@@ -109,7 +118,11 @@ class ReversibleMode:
         layer_policy: bool = True,
         loss_chunk_size: int | None = None,
         memory_budget_bytes: int | None = None,
+        execution: str = "auto",
     ):
+        if execution not in EXECUTIONS:
+            raise BWSKError(f"unknown execution {execution!r} for the reversible mode: choose one of "
+                            f"{', '.join(EXECUTIONS)}")
         if loss not in LOSSES:
             raise BWSKError(f"unknown loss {loss!r} for the reversible mode: choose one of {', '.join(LOSSES)}")
         if loss_chunk_size is not None and loss_chunk_size < 1:
@@ -135,11 +148,13 @@ class ReversibleMode:
         self.loss_chunk_size = loss_chunk_size
         self.memory_budget_bytes = memory_budget_bytes
         self.layer_policy = layer_policy
+        self.execution = execution
         self.loss, self.loss_reason = loss, None if loss == "fused" else "asked for the model's own loss"
         if loss == "fused":
             self._check_head()
         self.plan: RecomputePlan | None = None
-        self.policy: SelectivePolicy | None = None
+        # The run-time half: `ScopedExecution` or `SelectivePolicy` (per-op), as `execution` decided.
+        self.policy: ScopedExecution | SelectivePolicy | None = None
         # The optimizer whose state enters the predicted whole-step peak (trainers set it before step 1).
         self.optimizer: torch.optim.Optimizer | None = None
         self._peak_prediction: dict[str, Any] = {}
@@ -195,7 +210,8 @@ class ReversibleMode:
         @functools.wraps(type(model).forward)
         def forward(self_model, *args, labels=None, **kwargs):
             if mode._pending and self_model.training:
-                mode._setup_eagerly(_batch_of(args, labels, kwargs))
+                # Traced once when compiled: scoped execution's hooks and plain contexts do not compile.
+                mode._setup_eagerly(_batch_of(args, labels, kwargs), compiling=torch.compiler.is_compiling())
             if mode.loss == "fused" and mode._active and self_model.training and labels is not None:
                 return mode._fused_forward(self_model, args, labels, kwargs)
             return previous(*args, labels=labels, **kwargs)
@@ -224,15 +240,17 @@ class ReversibleMode:
     # --- planning ------------------------------------------------------------------------------
 
     @torch.compiler.disable
-    def _setup_eagerly(self, batch: dict[str, Any]) -> None:
+    def _setup_eagerly(self, batch: dict[str, Any], compiling: bool = False) -> None:
         """`setup` from inside a forward that `torch.compile` may be tracing: the planning runs eagerly."""
-        self.setup(batch)
+        self.setup(batch, compiling=compiling)
 
-    def setup(self, batch: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    def setup(self, batch: dict[str, Any], optimizer: torch.optim.Optimizer | None = None, *,
+              compiling: bool = False) -> dict[str, Any]:
         """Analyze the forward on `batch`, plan, and switch checkpointing on with the layer policy.
 
         Run it under the autocast the training uses (the dispatching forward does). Raises
-        `BWSKError` for a memory budget below the minimum, before any step runs. ``optimizer``
+        `BWSKError` for a memory budget below the minimum, before any step runs. ``compiling``: the
+        training forward is compiled (`torch.compile`), so the plan runs per-op. ``optimizer``
         (default: the `optimizer` attribute, which trainers set before the first step) enters the
         predicted whole-step peak with its state, measured or predicted before its first step.
         """
@@ -242,7 +260,7 @@ class ReversibleMode:
             self._keep_model_loss("the output head is sharded in an FSDP unit of its own, so its whole weight is "
                                   "never at hand in the model's forward: wrap it with the root module instead")
         fused = self.loss == "fused"
-        plan = self._install_layer_policy(batch, optimizer) if self.layer_policy else None
+        plan = self._install_layer_policy(batch, optimizer, compiling) if self.layer_policy else None
         self._active = True
         self._status = {
             "status": "active",
@@ -253,13 +271,14 @@ class ReversibleMode:
             "loss_reason": self.loss_reason,
             "loss_chunk_size": (self.loss_chunk_size or "auto") if fused else None,
             "plan": None if plan is None else plan.summary(),
+            "execution": None if self.policy is None else self.policy.execution,
             **self._peak_prediction,
             # Live: the policy counts as training runs, so results files written at the end hold the totals.
             "plan_fidelity": None if self.policy is None else self.policy.fidelity,
         }
         return self.status()
 
-    def _install_layer_policy(self, batch: dict[str, Any], optimizer) -> RecomputePlan:
+    def _install_layer_policy(self, batch: dict[str, Any], optimizer, compiling: bool = False) -> RecomputePlan:
         model = self.model
         if checkpointing_enabled(model):
             # TRL (and users) switch HF checkpointing on by default: the layer policy replaces it.
@@ -291,8 +310,15 @@ class ReversibleMode:
             "minimum_peak_bytes": predict_step_peak(self.plan.minimum_bytes, shape),
             "training_state_bytes": shape.state.total,
         }
-        self._tracker = LayerPathTracker(self.layers)
-        self.policy = SelectivePolicy(self.plan, self._tracker)
+        scopes = None if compiling or self.execution == "per_op" else scopes_of(self.plan, self.layers)
+        if scopes is None and self.execution == "scoped":
+            raise BWSKError("execution='scoped' cannot run this plan (a kept op runs in a decoder layer's own "
+                            "forward, or the forward is compiled): use execution='auto' or 'per_op'")
+        if scopes is None:
+            self._tracker = LayerPathTracker(self.layers)
+            self.policy = SelectivePolicy(self.plan, self._tracker)
+        else:
+            self.policy = ScopedExecution(self.plan, self.layers, scopes)
         enable_checkpointing(model, {"use_reentrant": False, "context_fn": self.policy})
         self._checkpointing = True
         return self.plan
@@ -310,6 +336,8 @@ class ReversibleMode:
         if self._tracker is not None:
             self._tracker.remove()
             self._tracker = None
+        if isinstance(self.policy, ScopedExecution):
+            self.policy.remove()
         if self._checkpointing:
             disable_checkpointing(self.model)
             # HF's enable also hooks the input embeddings to require grads; drop that unless it predates us.
@@ -354,6 +382,7 @@ def apply_reversible(
     memory_budget: int | str | None = None,
     loss_chunk_size: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    execution: str = "auto",
 ) -> ReversibleMode:
     """Put ``model`` in the reversible mode; returns the handle, whose `remove()` undoes it.
 
@@ -371,6 +400,7 @@ def apply_reversible(
             default plan. A budget no plan can meet is refused with the minimum at the first forward.
         loss_chunk_size: tokens per chunk of the fused loss (None: chosen from vocab and hidden size).
         optimizer: the optimizer whose state the predicted peak counts (pass it with a budget).
+        execution: ``"auto"`` (default), ``"scoped"`` or ``"per_op"``: how the plan runs (`ReversibleMode`).
 
     Example::
 
@@ -381,7 +411,7 @@ def apply_reversible(
     """
     budget = None if memory_budget is None else parse_byte_size(memory_budget)
     mode = ReversibleMode(model, loss=loss, layer_policy=layer_policy, loss_chunk_size=loss_chunk_size,
-                          memory_budget_bytes=budget)
+                          memory_budget_bytes=budget, execution=execution)
     mode.optimizer = optimizer
     mode.install_forward()
     return mode

@@ -90,6 +90,8 @@ class SelectivePolicy:
     decision by key (for tests; off by default as it grows with every step).
     """
 
+    execution = "per_op"
+
     def __init__(self, plan: RecomputePlan, tracker: LayerPathTracker):
         self.plan = plan
         self.tracker = tracker

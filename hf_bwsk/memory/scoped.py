@@ -1,0 +1,404 @@
+"""Scoped execution of a recompute plan: op-level keep/replay only inside the modules that hold kept ops.
+
+`SelectivePolicy` (per-op execution) runs each checkpointed layer under torch's selective-checkpoint
+dispatch mode, which routes *every* aten op of the layer through Python, in the forward and in the
+recompute, and hooks every submodule to name the ops. A plan only ever keeps a few expensive ops; all
+the others are recomputed, which is what plain checkpointing does with no machinery at all. So the
+layer is checkpointed plainly (as HF's activation checkpointing does) and keep/replay is switched on
+only inside the plan's *scopes*: for each kept `OpKey` of a layer, the module at its path (the
+innermost module running the op), scopes nested in another scope being covered by the outer one.
+
+* Forward: a scope's pre-hook enters `_Record` (a small `TorchDispatchMode`), which decides each op
+  by its `OpKey` as the per-op policy does and caches the output of a kept op, detached with its
+  version counter as torch's `_CachingTorchDispatchMode` does; the scope's forward hook leaves it.
+* Recompute: the same scopes enter `_Replay`, which hands back the cached outputs (by op overload and
+  call count within the layer call's scopes, as torch's `_CachedTorchDispatchMode`) and runs every
+  other op.
+
+Both modes sit below autograd, so the recomputed graph saves exactly what the forward's did. Path
+hooks sit only on modules inside scopes, and occurrences count per (path, op) within a layer call as
+the planner's do: every op at a path inside a scope runs while that scope runs. One pre-hook per
+layer records the running layer's index.
+
+`context_fn` (this object called) returns two plain context managers that open a fresh cache per
+layer call and mark forward or recompute; an op outside every scope costs nothing extra. Plan
+fidelity counts hits (planned ops seen in scopes) and misses (an expensive op in a scope that the
+plan lacks, or a kept op the forward of a layer call did not run); the first miss warns once.
+`scopes_of` says whether a plan can be scoped (a kept op run by the layer module itself cannot);
+`ReversibleMode` falls back to per-op execution when it cannot, and under `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+from collections import Counter
+from typing import NamedTuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import SAC_IGNORED_OPS, _detach_helper, _VersionWrapper
+
+from ..analysis import op_names
+from ..analysis.trace import flop_formula
+from .plan import OpKey, RecomputePlan, known_cheap
+
+_ATTENTION_OPS = frozenset(op_names.ATTENTIONS.split())
+
+
+class Scopes(NamedTuple):
+    """Where a layer's plan runs: module paths (keep/replay over the module's forward) and attention paths
+    (keep/replay over the call of transformers' attention function that the module makes)."""
+
+    modules: dict[int, list[str]]
+    attention: dict[int, list[str]]
+
+
+def _is_attention(op: str) -> bool:
+    return op.split(".")[1] in _ATTENTION_OPS if op.startswith("aten.") else False
+
+
+def _attention_function(module: torch.nn.Module) -> str | None:
+    """The registered transformers attention implementation ``module`` calls (None: eager or unknown)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    return name if name is not None and name != "eager" and name in ALL_ATTENTION_FUNCTIONS else None
+
+
+def scopes_of(plan: RecomputePlan, layers: torch.nn.ModuleList) -> Scopes | None:
+    """Per layer index, where its kept ops run (`Scopes`); None when the plan cannot be scoped.
+
+    A kept op's scope is the module at its path, scopes nested in another being covered by the
+    outer one. A module whose own planned ops (at exactly its path) are all attention kernels, and
+    which calls a registered transformers attention function, is scoped to that call only: its other
+    ops are views and rotary arithmetic, recomputed anyway, and its attention kernels run nowhere
+    else, so their occurrences are the planner's. A plan cannot be scoped when it keeps an op run by
+    a layer module itself (path ''), or one whose path names no submodule of its layer.
+    """
+    paths: dict[int, set[str]] = {}
+    for key in plan.keep:
+        if key.path == "" or not 0 <= key.layer < len(layers):
+            return None
+        try:
+            layers[key.layer].get_submodule(key.path)
+        except AttributeError:
+            return None
+        paths.setdefault(key.layer, set()).add(key.path)
+    own_ops: dict[tuple[int, str], set[str]] = {}
+    for key in plan.keep | plan.recompute:
+        own_ops.setdefault((key.layer, key.path), set()).add(key.op)
+    modules, attention = {}, {}
+    for layer, found in sorted(paths.items()):
+        calls = {path for path in found if all(map(_is_attention, own_ops[layer, path]))
+                 and _attention_function(layers[layer].get_submodule(path)) is not None}
+        outer = found - calls
+        modules[layer] = [path for path in sorted(outer) if not any(path.startswith(o + ".") for o in outer)]
+        attention[layer] = [path for path in sorted(calls) if not any(path.startswith(o + ".") for o in outer)]
+    return Scopes(modules, attention)
+
+
+# Attention modules whose calls of the attention function run in a scope: module -> ScopedExecution.
+_ATTENTION_SCOPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Attention implementations wrapped in transformers' registry: name -> [previous local entry, users].
+_WRAPPED: dict[str, list] = {}
+
+
+def _wrap_attention_function(name: str) -> None:
+    """Route the registered attention function ``name`` through `_ATTENTION_SCOPES` (reference counted).
+
+    A module not in a scope calls the original with one dict lookup more; `_unwrap_attention_function`
+    restores the registry once its last user is gone.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name in _WRAPPED:
+        _WRAPPED[name][1] += 1
+        return
+    original = ALL_ATTENTION_FUNCTIONS[name]
+
+    @functools.wraps(original)
+    def attention(module, *args, **kwargs):
+        execution = _ATTENTION_SCOPES.get(module)
+        if execution is None:
+            return original(module, *args, **kwargs)
+        return execution._attention_call(original, module, args, kwargs)
+
+    _WRAPPED[name] = [ALL_ATTENTION_FUNCTIONS._local_mapping.get(name), 1]
+    ALL_ATTENTION_FUNCTIONS[name] = attention
+
+
+def _unwrap_attention_function(name: str) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    entry = _WRAPPED[name]
+    entry[1] -= 1
+    if entry[1]:
+        return
+    del _WRAPPED[name]
+    if entry[0] is None:
+        del ALL_ATTENTION_FUNCTIONS[name]
+    else:
+        ALL_ATTENTION_FUNCTIONS[name] = entry[0]
+
+
+class _LayerCall:
+    """One checkpointed layer call: the kept outputs, shared by its forward and its recompute."""
+
+    __slots__ = ("storage", "recompute", "modes", "counts", "kept_seen", "layer")
+
+    def __init__(self):
+        self.storage: dict = {}
+        self.recompute = False
+        self.modes: list[TorchDispatchMode] = []
+        self.counts: dict = {}
+        self.kept_seen = 0
+        self.layer: int | None = None
+
+
+class _Record(TorchDispatchMode):
+    """Forward inside a scope: decide each op by its `OpKey`, cache the outputs the plan keeps."""
+
+    def __init__(self, execution: ScopedExecution, call: _LayerCall):
+        super().__init__()
+        self.execution, self.call = execution, call
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func not in SAC_IGNORED_OPS and self.execution._keep(self.call, func):
+            self.call.storage[func, self.call.counts.get(func, 1) - 1] = tree_map(
+                lambda x: _VersionWrapper(_detach_helper(x)), out)
+        return out
+
+
+class _Replay(TorchDispatchMode):
+    """Recompute inside a scope: hand back the cached outputs, run every other op."""
+
+    def __init__(self, call: _LayerCall):
+        super().__init__()
+        self.call = call
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in SAC_IGNORED_OPS:
+            counts = self.call.counts
+            index = counts.get(func, 0)
+            counts[func] = index + 1
+            entry = self.call.storage.pop((func, index), None)
+            if entry is not None:
+                return tree_map(lambda x: x.get_val(False), entry)
+        return func(*args, **(kwargs or {}))
+
+
+class _Context:
+    """The plain context manager `context_fn` returns for a layer call's forward or its recompute."""
+
+    __slots__ = ("execution", "call", "recompute")
+
+    def __init__(self, execution: ScopedExecution, call: _LayerCall, recompute: bool):
+        self.execution, self.call, self.recompute = execution, call, recompute
+
+    def __enter__(self):
+        self.call.recompute = self.recompute
+        self.call.counts = {}
+        self.execution._calls.append(self.call)
+
+    def __exit__(self, *exc_info):
+        execution, call = self.execution, self.call
+        while call.modes:  # left by an exception (early-stopped recompute) before the scope's hook ran
+            call.modes.pop().__exit__(None, None, None)
+        execution._calls.pop()
+        if not self.recompute and exc_info[0] is None:
+            execution._check_kept(call)
+        return False
+
+
+class ScopedExecution:
+    """`context_fn` for `torch.utils.checkpoint` that applies ``plan`` inside its scopes only (module docstring).
+
+    Same surface as `SelectivePolicy`: ``plan`` (settable to a plan with the same scopes), the live
+    ``fidelity`` dict and the optional ``decisions`` dict of forward decisions by key (ops in scopes).
+    ``scopes``: `scopes_of(plan, layers)`. `remove()` takes the hooks away.
+    """
+
+    execution = "scoped"
+
+    def __init__(self, plan: RecomputePlan, layers: torch.nn.ModuleList, scopes: Scopes):
+        self.scopes = scopes
+        self.fidelity: dict = {"plan_hits": 0, "plan_misses": 0, "cheap_by_rule": 0, "first_misses": []}
+        self.decisions: dict[OpKey, bool] | None = None
+        self.plan = plan
+        self._ops: dict = {}
+        self._warned: set[str] = set()
+        self._calls: list[_LayerCall] = []
+        self._stack: list[str] = []
+        self._layer: int | None = None
+        self._handles = []
+        self._attention: dict[torch.nn.Module, str] = {}
+        for index, layer in enumerate(layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index)))
+            for path in scopes.attention.get(index, ()):
+                module = layer.get_submodule(path)
+                self._attention[module] = path
+                _wrap_attention_function(_attention_function(module))
+                _ATTENTION_SCOPES[module] = self
+            for scope in scopes.modules.get(index, ()):
+                module = layer.get_submodule(scope)
+                self._handles.append(module.register_forward_pre_hook(self._enter_scope(scope)))
+                self._handles.append(module.register_forward_hook(self._leave_scope, always_call=True))
+                for name, inner in module.named_modules():
+                    if name:
+                        self._handles.append(inner.register_forward_pre_hook(self._push(f"{scope}.{name}")))
+                        self._handles.append(inner.register_forward_hook(self._pop, always_call=True))
+
+    @property
+    def plan(self) -> RecomputePlan:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: RecomputePlan) -> None:
+        self._plan = plan
+        self._planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True)}
+        self._kept_per_layer = Counter(key.layer for key in plan.keep)
+
+    def visible(self, key: OpKey) -> bool:
+        """Whether ``key``'s op runs inside a scope, where this execution sees (and counts) it."""
+        if key.path in self.scopes.attention.get(key.layer, ()) and _is_attention(key.op):
+            return True
+        return any(key.path == scope or key.path.startswith(scope + ".") for scope in self.scopes.modules.get(key.layer, ()))
+
+    def __call__(self):
+        call = _LayerCall()
+        return _Context(self, call, False), _Context(self, call, True)
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def _layer_hook(self, index):
+        def hook(module, args):
+            self._layer = index
+
+        return hook
+
+    def _enter_scope(self, scope):
+        def hook(module, args):
+            self._stack.append(scope)
+            if self._calls and len(self._stack) == 1:
+                self._open(self._calls[-1])
+
+        return hook
+
+    def _leave_scope(self, module, args, output):
+        if self._stack:
+            self._stack.pop()
+        if self._calls and not self._stack:
+            self._close(self._calls[-1])
+
+    def _open(self, call: _LayerCall) -> None:
+        """Enter the layer call's keep (forward) or replay (recompute) mode."""
+        if call.layer is None:
+            call.layer = self._layer
+            if self._layer is None:
+                self._warn_once("layer", "bwsk reversible mode: a checkpointed op ran with no layer index "
+                                "(the decoder-layer hooks did not run), so every op misses the recompute plan")
+        mode = _Replay(call) if call.recompute else _Record(self, call)
+        mode.__enter__()
+        call.modes.append(mode)
+
+    def _close(self, call: _LayerCall) -> None:
+        if call.modes:
+            call.modes.pop().__exit__(None, None, None)
+
+    def _attention_call(self, original, module, args, kwargs):
+        """A scoped attention module's call of the attention function: in its layer call's mode."""
+        if not self._calls or self._stack:  # not checkpointed now, or already inside a scope
+            return original(module, *args, **kwargs)
+        call = self._calls[-1]
+        self._stack.append(self._attention[module])
+        self._open(call)
+        try:
+            return original(module, *args, **kwargs)
+        finally:
+            self._close(call)
+            self._stack.pop()
+
+    def _push(self, path):
+        def hook(module, args):
+            self._stack.append(path)
+
+        return hook
+
+    def _pop(self, module, args, output):
+        if self._stack:
+            self._stack.pop()
+
+    # --- decisions -----------------------------------------------------------------------------
+
+    def _op(self, func) -> tuple[str, bool]:
+        found = self._ops.get(func)
+        if found is None:
+            name = str(func)
+            found = self._ops[func] = (name, flop_formula(func) is not None or not known_cheap(name))
+        return found
+
+    def _keep(self, call: _LayerCall, func) -> bool:
+        """The forward decision for one op in a scope; counts its occurrence and the plan fidelity."""
+        name, expensive = self._op(func)
+        counts = call.counts
+        counts[func] = counts.get(func, 0) + 1
+        path = self._stack[-1]
+        group = (path, name)
+        occurrence = counts.get(group, 0)
+        counts[group] = occurrence + 1
+        keep = self._planned.get((call.layer, path, name, occurrence))
+        if keep is None:
+            key = OpKey(call.layer, path, name, occurrence)
+            keep = self._plan.keeps(key, expensive)
+            if expensive:
+                self._miss(key, keep)
+            else:
+                self.fidelity["cheap_by_rule"] += 1
+        else:
+            self.fidelity["plan_hits"] += 1
+            call.kept_seen += keep
+        if self.decisions is not None:
+            self.decisions[OpKey(call.layer, path, name, occurrence)] = keep
+        return keep
+
+    def _check_kept(self, call: _LayerCall) -> None:
+        """After a layer call's forward: a kept op of the plan that did not run there is a miss."""
+        layer = call.layer if call.layer is not None else self._layer
+        expected = self._kept_per_layer.get(layer, 0)
+        if call.kept_seen < expected:
+            for _ in range(expected - call.kept_seen):
+                self._miss(None, True, layer)
+
+    def _miss(self, key: OpKey | None, keep: bool, layer: int | None = None) -> None:
+        self.fidelity["plan_misses"] += 1
+        if key is None:
+            entry = f"{layer}:<kept op not run>"
+            message = (f"bwsk reversible mode: a kept op of layer {layer}'s recompute plan did not run in its forward "
+                       "(the layer took another path than the first batch's trace); counts in the status' plan_fidelity")
+        else:
+            entry = f"{key.layer}:{key.path or '<layer>'}:{key.op}#{key.occurrence}"
+            message = (f"bwsk reversible mode: {key.op} (layer {key.layer}, '{key.path}', occurrence {key.occurrence}) "
+                       f"is not in the recompute plan (the first batch's trace never ran it); "
+                       f"{'kept' if keep else 'recomputed'} by rule; counts in the status' plan_fidelity")
+        if len(self.fidelity["first_misses"]) < 10:
+            self.fidelity["first_misses"].append(entry)
+        self._warn_once("miss" if key is not None else "not run", message)
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._attention:
+            if _ATTENTION_SCOPES.get(module) is self:
+                del _ATTENTION_SCOPES[module]
+            _unwrap_attention_function(_attention_function(module))
+        self._attention.clear()

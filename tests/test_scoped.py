@@ -1,0 +1,169 @@
+"""Scoped execution of the recompute plan: the plan executed (same bytes, same FLOPs as per-op), exact gradients."""
+
+import dataclasses
+
+import pytest
+import torch
+from grad_compare import assert_grads_close, assert_tensors_close
+from tiny_models import ARCHS, tiny_batch, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from hf_bwsk.analysis import find_decoder_layers
+from hf_bwsk.errors import BWSKError
+from hf_bwsk.memory import ReversibleMode, bytes_kept_for_backward, count_train_flops
+from hf_bwsk.memory.plan import OpKey, RecomputePlan
+from hf_bwsk.memory.scoped import scopes_of
+
+ARCH_PARAMS = [pytest.param(arch, marks=pytest.mark.slow) if arch == "mamba" else arch for arch in ARCHS]
+# Architectures with attention, and those whose sdpa attention runs one attention kernel (GPT-2's, in
+# training with dropout, decomposes into matmuls on CPU: its attention module stays a module scope).
+SDPA_ARCHS = ["gpt2", "gpt_neox", "llama", "opt"]
+KERNEL_ARCHS = ["gpt_neox", "llama", "opt"]
+
+
+def sdpa_model(arch, seed=0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation="sdpa")
+
+
+def reversible(model, batch, execution="auto"):
+    mode = ReversibleMode(model, find_layers=find_decoder_layers, loss_chunk_size=24, execution=execution)
+    mode.install_forward()
+    mode.setup(batch)
+    return mode
+
+
+def kept_and_flops(model, batch, execution):
+    model.train()
+    mode = reversible(model, batch, execution)
+    assert mode.status()["execution"] == execution
+    kept = bytes_kept_for_backward(lambda: model(**batch).loss).activation_bytes
+    flops = count_train_flops(lambda: model(**batch).loss.backward())
+    mode.teardown()
+    return kept, flops
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
+def test_scoped_keeps_the_same_bytes_and_recomputes_the_same_flops_as_per_op(arch, attention):
+    if attention == "sdpa" and arch not in SDPA_ARCHS:
+        pytest.skip("no attention")
+    build = sdpa_model if attention == "sdpa" else tiny_model
+    batch = tiny_batch(2, 64, seed=1)
+    scoped = kept_and_flops(build(arch), batch, "scoped")
+    per_op = kept_and_flops(build(arch), batch, "per_op")
+    assert scoped == per_op, f"{arch}/{attention}: scoped (bytes, FLOPs) {scoped} != per-op {per_op}"
+
+
+@pytest.mark.parametrize("arch", KERNEL_ARCHS)
+def test_sdpa_attention_is_scoped_to_the_attention_call_with_exact_gradients(arch):
+    conventional, model = sdpa_model(arch), sdpa_model(arch)
+    conventional.train()
+    model.train()
+    batch = tiny_batch(2, 40, seed=3)
+    batch["attention_mask"][1, -5:] = 0
+    batch["labels"][1, -5:] = -100
+    mode = reversible(model, batch)
+    scopes = mode.policy.scopes
+    assert mode.status()["execution"] == "scoped" and all(scopes.attention.values()), scopes
+    mode.policy.decisions = {}
+    for m in (conventional, model):
+        m.zero_grad()
+    torch.manual_seed(7)
+    expected = conventional(**batch).loss
+    expected.backward()
+    torch.manual_seed(7)
+    loss = model(**batch).loss
+    loss.backward()
+    assert_tensors_close(loss, expected, rtol=1e-5, atol=1e-6, name=f"{arch} loss")
+    assert_grads_close(model, conventional, rtol=1e-5, atol=1e-6)
+    # The attention kernels were decided as planned (kept), inside the attention call only.
+    kept_attention = {key for key in mode.plan.keep if key.path in scopes.attention[key.layer]}
+    assert kept_attention and all(mode.policy.decisions.get(key) is True for key in kept_attention)
+    assert mode.status()["plan_fidelity"]["plan_misses"] == 0
+    mode.teardown()
+
+
+def test_teardown_restores_the_attention_registry_and_the_hooks():
+    model = sdpa_model("llama")
+    model.train()
+    registry = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    first = reversible(model, tiny_batch(2, 16))
+    other = sdpa_model("llama", seed=1)
+    other.train()
+    second = reversible(other, tiny_batch(2, 16))
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
+    first.teardown()
+    model(**tiny_batch(2, 16)).loss.backward()  # the other model's scope still routes, this one passes through
+    second.teardown()
+    assert dict(ALL_ATTENTION_FUNCTIONS._local_mapping) == registry
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+
+
+def test_a_plan_that_keeps_an_op_of_the_layer_itself_runs_per_op():
+    _, layers = find_decoder_layers(tiny_model("gpt_neox"))
+    plan = RecomputePlan(keep=frozenset({OpKey(0, "", "aten.addmm.default", 0)}), recompute=frozenset(),
+                         keep_unseen_expensive=True, kept_bytes=0, minimum_bytes=0, keep_all_bytes=0,
+                         recompute_flops=0, layer_flops=0)
+    assert scopes_of(plan, layers) is None
+    nested = dataclasses.replace(plan, keep=frozenset({OpKey(0, "attention", "aten.bmm.default", 0),
+                                                       OpKey(0, "attention.dense", "aten.addmm.default", 0)}))
+    assert scopes_of(nested, layers).modules == {0: ["attention"]}, "a scope inside another is covered by it"
+
+
+def test_compiled_forward_runs_per_op_and_scoped_on_request_refuses_it():
+    batch = tiny_batch(2, 16)
+    model = tiny_model("gpt_neox")
+    model.train()
+    mode = ReversibleMode(model, find_layers=find_decoder_layers)
+    mode.setup(batch, compiling=True)
+    assert mode.status()["execution"] == "per_op"
+    mode.teardown()
+    mode = ReversibleMode(model, find_layers=find_decoder_layers, execution="scoped")
+    with pytest.raises(BWSKError, match="execution='auto' or 'per_op'"):
+        mode.setup(batch, compiling=True)
+    mode.teardown()
+    with pytest.raises(BWSKError, match="unknown execution"):
+        ReversibleMode(model, find_layers=find_decoder_layers, execution="fast")
+
+
+def _checkpoint_call(self, *args, **kwargs):
+    """transformers 5.17's GradientCheckpointingLayer: the checkpoint wraps `__call__`, hooks inside it."""
+    if not (self.gradient_checkpointing and self.training):
+        return torch.nn.Module.__call__(self, *args, **kwargs)
+
+    def call(*inputs):
+        self.gradient_checkpointing = False  # the 5.23 forward wrapper must not checkpoint again inside
+        try:
+            return torch.nn.Module.__call__(self, *inputs, **kwargs)
+        finally:
+            self.gradient_checkpointing = True
+
+    return self._gradient_checkpointing_func(call, *args)
+
+
+@pytest.mark.parametrize("execution", ["scoped", "per_op"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_layers_checkpointed_around_call_as_transformers_5_17_does(monkeypatch, execution, attention):
+    build = sdpa_model if attention == "sdpa" else tiny_model
+    conventional, model = build("gpt_neox"), build("gpt_neox")
+    conventional.train()
+    model.train()
+    batch = tiny_batch(2, 24)
+    mode = reversible(model, batch, execution)
+    layer_class = type(find_decoder_layers(model)[1][0])
+    assert issubclass(layer_class, GradientCheckpointingLayer)
+    monkeypatch.setattr(layer_class, "__call__", _checkpoint_call, raising=False)
+    mode.policy.decisions = {}
+    loss = model(**batch).loss
+    loss.backward()
+    expected = conventional(**batch).loss
+    expected.backward()
+    assert_tensors_close(loss, expected, rtol=1e-5, atol=1e-6, name="loss")
+    assert_grads_close(model, conventional, rtol=1e-5, atol=1e-6)
+    assert mode.status()["plan_fidelity"]["plan_misses"] == 0
+    assert all(mode.policy.decisions.get(key) is True for key in mode.plan.keep), "every kept op decided as planned"
+    mode.teardown()
