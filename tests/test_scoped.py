@@ -40,21 +40,26 @@ def kept_and_flops(model, batch, execution):
     mode = reversible(model, batch, execution)
     assert mode.status()["execution"] == execution
     kept = bytes_kept_for_backward(lambda: model(**batch).loss).activation_bytes
+    model.zero_grad()
+    torch.manual_seed(5)  # GPT-2's dropout: the same masks on both sides
     flops = count_train_flops(lambda: model(**batch).loss.backward())
     mode.teardown()
-    return kept, flops
+    return kept, flops, {name: param.grad for name, param in model.named_parameters()}
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ARCH_PARAMS)
-def test_scoped_keeps_the_same_bytes_and_recomputes_the_same_flops_as_per_op(arch, attention):
+def test_scoped_keeps_the_same_bytes_recomputes_the_same_flops_and_gives_per_op_gradients(arch, attention):
     if attention == "sdpa" and arch not in SDPA_ARCHS:
         pytest.skip("no attention")
     build = sdpa_model if attention == "sdpa" else tiny_model
     batch = tiny_batch(2, 64, seed=1)
-    scoped = kept_and_flops(build(arch), batch, "scoped")
-    per_op = kept_and_flops(build(arch), batch, "per_op")
+    *scoped, grads = kept_and_flops(build(arch), batch, "scoped")
+    *per_op, grads_per_op = kept_and_flops(build(arch), batch, "per_op")
     assert scoped == per_op, f"{arch}/{attention}: scoped (bytes, FLOPs) {scoped} != per-op {per_op}"
+    # Kept linears' own backward computes what autograd's addmm/mm backward does, bit for bit.
+    differ = [name for name in grads if not torch.equal(grads[name], grads_per_op[name])]
+    assert not differ, f"gradients differ from per-op's: {differ}"
 
 
 @pytest.mark.parametrize("arch", KERNEL_ARCHS)
@@ -167,3 +172,31 @@ def test_layers_checkpointed_around_call_as_transformers_5_17_does(monkeypatch, 
     assert mode.status()["plan_fidelity"]["plan_misses"] == 0
     assert all(mode.policy.decisions.get(key) is True for key in mode.plan.keep), "every kept op decided as planned"
     mode.teardown()
+
+
+def autocast_forward(model, batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(**batch).loss
+
+
+def test_under_bf16_autocast_scoped_equals_per_op_in_bytes_flops_and_gradients():
+    # Autocast casts inside F.linear, so kept linears replay through the dispatch mode there.
+    batch = tiny_batch(2, 32, seed=2)
+    results = {}
+    for execution in ("scoped", "per_op"):
+        model = sdpa_model("llama")
+        model.train()
+        mode = reversible(model, batch, execution)
+        # One forward per autocast region, as in training: the region caches its weight casts.
+        kept = bytes_kept_for_backward(lambda: autocast_forward(model, batch)).activation_bytes
+        flops = count_train_flops(lambda: autocast_forward(model, batch).backward())
+        model.zero_grad()
+        loss = autocast_forward(model, batch)
+        loss.backward()
+        results[execution] = (kept, flops, loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+        assert mode.status()["plan_fidelity"]["plan_misses"] == 0
+        mode.teardown()
+    (kept, flops, loss, grads), (kept_p, flops_p, loss_p, grads_p) = results["scoped"], results["per_op"]
+    assert (kept, flops) == (kept_p, flops_p)
+    assert torch.equal(loss, loss_p)
+    assert all(torch.equal(grads[name], grads_p[name]) for name in grads), "gradients differ from per-op's"

@@ -34,7 +34,7 @@ import functools
 import warnings
 import weakref
 from collections import Counter
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,11 +49,13 @@ _ATTENTION_OPS = frozenset(op_names.ATTENTIONS.split())
 
 
 class Scopes(NamedTuple):
-    """Where a layer's plan runs: module paths (keep/replay over the module's forward) and attention paths
-    (keep/replay over the call of transformers' attention function that the module makes)."""
+    """Where a layer's plan runs: module paths (keep/replay over the module's forward), attention paths
+    (keep/replay over the call of transformers' attention function that the module makes) and linear
+    paths (an `nn.Linear` whose one planned op, its matmul, is kept: `_KeptLinear`, no dispatch mode)."""
 
     modules: dict[int, list[str]]
     attention: dict[int, list[str]]
+    linears: dict[int, list[str]] = {}
 
 
 def _is_attention(op: str) -> bool:
@@ -90,14 +92,63 @@ def scopes_of(plan: RecomputePlan, layers: torch.nn.ModuleList) -> Scopes | None
     own_ops: dict[tuple[int, str], set[str]] = {}
     for key in plan.keep | plan.recompute:
         own_ops.setdefault((key.layer, key.path), set()).add(key.op)
-    modules, attention = {}, {}
+    modules, attention, linears = {}, {}, {}
     for layer, found in sorted(paths.items()):
         calls = {path for path in found if all(map(_is_attention, own_ops[layer, path]))
                  and _attention_function(layers[layer].get_submodule(path)) is not None}
-        outer = found - calls
-        modules[layer] = [path for path in sorted(outer) if not any(path.startswith(o + ".") for o in outer)]
-        attention[layer] = [path for path in sorted(calls) if not any(path.startswith(o + ".") for o in outer)]
-    return Scopes(modules, attention)
+        plain = {path for path in found - calls if type(layers[layer].get_submodule(path)) is torch.nn.Linear
+                 and {(key.op, key.occurrence) for key in plan.keep | plan.recompute
+                      if key.layer == layer and key.path == path} <= _LINEAR_KEYS}
+        outer = found - calls - plain
+        covered = functools.partial(_covered, outer)
+        modules[layer] = [path for path in sorted(outer) if not covered(path)]
+        attention[layer] = [path for path in sorted(calls) if not covered(path)]
+        linears[layer] = [path for path in sorted(plain) if not covered(path)]
+    return Scopes(modules, attention, linears)
+
+
+# A kept linear's storage entry in a layer call whose forward did not keep it (an unplanned call, recomputed).
+_NOT_KEPT = object()
+# The planned keys of an `nn.Linear` that `_KeptLinear` runs: its one matmul, with or without bias.
+_LINEAR_KEYS = {("aten.addmm.default", 0), ("aten.mm.default", 0)}
+
+
+def _covered(outer: set[str], path: str) -> bool:
+    return any(path.startswith(scope + ".") for scope in outer)
+
+
+class _KeptLinear(torch.autograd.Function):
+    """`F.linear` whose output is cached in the forward and handed back in the recompute.
+
+    Saves the input and weight for backward in both, so the checkpoint's recompute saves what its
+    forward saved, and computes the gradients as autograd's addmm/mm backward does. ``slot`` is
+    ``[cached, version]``: empty in the forward (filled here), filled in the recompute.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, slot):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if slot and slot[0]._version == slot[1]:
+            return slot[0].detach()
+        out = torch.nn.functional.linear(x, weight, bias)  # also when the cached output was mutated
+        if not slot:
+            cached = out.detach()
+            slot.extend((cached, cached._version))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_2d.mm(weight).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = x.reshape(-1, x.shape[-1]).t().mm(grad_2d).t()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b, None
 
 
 # Attention modules whose calls of the attention function run in a scope: module -> ScopedExecution.
@@ -236,8 +287,14 @@ class ScopedExecution:
         self._layer: int | None = None
         self._handles = []
         self._attention: dict[torch.nn.Module, str] = {}
+        self._linears: dict[torch.nn.Module, Any] = {}  # module -> its own forward before ours (None: the class')
         for index, layer in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index)))
+            for path in scopes.linears.get(index, ()):
+                module = layer.get_submodule(path)
+                (op,) = {key.op for key in plan.keep if key.layer == index and key.path == path}
+                self._linears[module] = module.__dict__.get("forward")
+                module.forward = self._linear_forward(module, path, op, module.forward)
             for path in scopes.attention.get(index, ()):
                 module = layer.get_submodule(path)
                 self._attention[module] = path
@@ -265,6 +322,8 @@ class ScopedExecution:
     def visible(self, key: OpKey) -> bool:
         """Whether ``key``'s op runs inside a scope, where this execution sees (and counts) it."""
         if key.path in self.scopes.attention.get(key.layer, ()) and _is_attention(key.op):
+            return True
+        if key.path in self.scopes.linears.get(key.layer, ()):
             return True
         return any(key.path == scope or key.path.startswith(scope + ".") for scope in self.scopes.modules.get(key.layer, ()))
 
@@ -294,13 +353,16 @@ class ScopedExecution:
         if self._calls and not self._stack:
             self._close(self._calls[-1])
 
-    def _open(self, call: _LayerCall) -> None:
-        """Enter the layer call's keep (forward) or replay (recompute) mode."""
+    def _set_layer(self, call: _LayerCall) -> None:
         if call.layer is None:
             call.layer = self._layer
             if self._layer is None:
                 self._warn_once("layer", "bwsk reversible mode: a checkpointed op ran with no layer index "
                                 "(the decoder-layer hooks did not run), so every op misses the recompute plan")
+
+    def _open(self, call: _LayerCall) -> None:
+        """Enter the layer call's keep (forward) or replay (recompute) mode."""
+        self._set_layer(call)
         mode = _Replay(call) if call.recompute else _Record(self, call)
         mode.__enter__()
         call.modes.append(mode)
@@ -308,6 +370,39 @@ class ScopedExecution:
     def _close(self, call: _LayerCall) -> None:
         if call.modes:
             call.modes.pop().__exit__(None, None, None)
+
+    def _linear_forward(self, module: torch.nn.Linear, path: str, op: str, original):
+        """The forward of a kept `nn.Linear`: `_KeptLinear` in a layer call, the original elsewhere.
+
+        Under autocast (which casts inside `F.linear`) the call runs in the dispatch mode instead, as
+        a module scope would; forward and recompute run under the same autocast, so they agree.
+        """
+
+        def forward(x):
+            if not self._calls or self._stack:  # not checkpointed now, or inside a scope's mode already
+                return original(x)
+            call = self._calls[-1]
+            if torch.is_autocast_enabled(x.device.type):
+                self._stack.append(path)
+                self._open(call)
+                try:
+                    return original(x)
+                finally:
+                    self._close(call)
+                    self._stack.pop()
+            self._set_layer(call)
+            occurrence = call.counts.get(module, 0)
+            call.counts[module] = occurrence + 1
+            if call.recompute:
+                slot = call.storage.pop((module, occurrence), _NOT_KEPT)
+            else:
+                slot = [] if self._decide(call, path, op, occurrence, True) else _NOT_KEPT
+                call.storage[module, occurrence] = slot
+            if slot is _NOT_KEPT:
+                return original(x)
+            return _KeptLinear.apply(x, module.weight, module.bias, slot)
+
+        return forward
 
     def _attention_call(self, original, module, args, kwargs):
         """A scoped attention module's call of the attention function: in its layer call's mode."""
@@ -350,6 +445,9 @@ class ScopedExecution:
         group = (path, name)
         occurrence = counts.get(group, 0)
         counts[group] = occurrence + 1
+        return self._decide(call, path, name, occurrence, expensive)
+
+    def _decide(self, call: _LayerCall, path: str, name: str, occurrence: int, expensive: bool) -> bool:
         keep = self._planned.get((call.layer, path, name, occurrence))
         if keep is None:
             key = OpKey(call.layer, path, name, occurrence)
@@ -397,6 +495,12 @@ class ScopedExecution:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, previous in self._linears.items():
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._linears.clear()
         for module in self._attention:
             if _ATTENTION_SCOPES.get(module) is self:
                 del _ATTENTION_SCOPES[module]
