@@ -158,7 +158,7 @@ def append(result: dict) -> None:
         f"Device: {result['device']}; torch {result['versions'].get('torch')}, transformers "
         f"{result['versions'].get('transformers')}; {result['threads']} CPU thread(s); GPT-NeoX {shape['layers']} "
         f"layers, hidden {shape['hidden']}, vocab {shape['vocab']}, batch {shape['batch_size']} x {shape['seq_len']}, "
-        f"AdamW; median of {result['steps']} interleaved steps. Policy call: ours "
+        f"AdamW; median of {result['steps']} interleaved steps; bwsk_reversible ran {result['execution']}. Per-op policy call: ours "
         f"{result['policy_call']['bwsk_policy_us']:.2f} us, constant policy {result['policy_call']['constant_policy_us']:.2f} us.\n",
         "| mode | median step ms | quartiles ms | x HF checkpointing |",
         "|---|---|---|---|",

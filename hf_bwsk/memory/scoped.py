@@ -1,31 +1,38 @@
-"""Scoped execution of a recompute plan: op-level keep/replay only inside the modules that hold kept ops.
+"""Scoped execution of a recompute plan: keep/replay only where the plan keeps ops, no dispatch mode elsewhere.
 
 `SelectivePolicy` (per-op execution) runs each checkpointed layer under torch's selective-checkpoint
 dispatch mode, which routes *every* aten op of the layer through Python, in the forward and in the
-recompute, and hooks every submodule to name the ops. A plan only ever keeps a few expensive ops; all
-the others are recomputed, which is what plain checkpointing does with no machinery at all. So the
-layer is checkpointed plainly (as HF's activation checkpointing does) and keep/replay is switched on
-only inside the plan's *scopes*: for each kept `OpKey` of a layer, the module at its path (the
-innermost module running the op), scopes nested in another scope being covered by the outer one.
+recompute (~20 us an op on a CPU), and hooks every submodule to name the ops. A plan keeps a few
+expensive ops; all the others are recomputed, which is what plain checkpointing does with no machinery
+at all. So the layer is checkpointed plainly (as HF's activation checkpointing does) and keep/replay
+runs only in the plan's *scopes* (`scopes_of`), one per kept `OpKey`'s module (the innermost module
+running the op), a scope nested in another being covered by the outer one. Three kinds:
 
-* Forward: a scope's pre-hook enters `_Record` (a small `TorchDispatchMode`), which decides each op
-  by its `OpKey` as the per-op policy does and caches the output of a kept op, detached with its
-  version counter as torch's `_CachingTorchDispatchMode` does; the scope's forward hook leaves it.
-* Recompute: the same scopes enter `_Replay`, which hands back the cached outputs (by op overload and
-  call count within the layer call's scopes, as torch's `_CachedTorchDispatchMode`) and runs every
-  other op.
-
-Both modes sit below autograd, so the recomputed graph saves exactly what the forward's did. Path
-hooks sit only on modules inside scopes, and occurrences count per (path, op) within a layer call as
-the planner's do: every op at a path inside a scope runs while that scope runs. One pre-hook per
-layer records the running layer's index.
+* **linear**: an `nn.Linear` whose one planned op, its matmul, is kept: its forward runs `_KeptLinear`,
+  an autograd Function that caches the output in the forward and hands it back in the recompute,
+  saving the same input and weight in both (so the recompute saves what the forward saved), with
+  autograd's addmm/mm backward formulas (gradients equal per-op's bit for bit). No dispatch mode, no
+  hook. Under autocast (which casts inside `F.linear`) it runs as a module scope instead.
+* **attention**: a module whose own planned ops are attention kernels only, and which calls a
+  transformers attention function from `ALL_ATTENTION_FUNCTIONS` (sdpa, flash, flex): only that call
+  runs in the mode (the registry entry is wrapped, reference counted, restored on `remove()`; other
+  modules pass through with one dict lookup). Its other ops (views, rotary) are recomputed anyway,
+  and its attention kernels run nowhere else, so their occurrences are the planner's.
+* **module**: any other scope. Its pre-hook enters `_Record` (a small `TorchDispatchMode`), which
+  decides each op by its `OpKey` as the per-op policy does and caches a kept op's output, detached
+  with its version counter as torch's `_CachingTorchDispatchMode` does; in the recompute `_Replay`
+  hands the cached outputs back (by op overload and call count within the layer call's scopes, as
+  torch's `_CachedTorchDispatchMode`) and runs every other op. Both sit below autograd, so the
+  recompute saves what the forward saved. Path hooks sit only on modules inside module scopes:
+  every op at a path inside a scope runs while the scope runs, so occurrences per (path, op) within
+  a layer call are the planner's.
 
 `context_fn` (this object called) returns two plain context managers that open a fresh cache per
-layer call and mark forward or recompute; an op outside every scope costs nothing extra. Plan
-fidelity counts hits (planned ops seen in scopes) and misses (an expensive op in a scope that the
-plan lacks, or a kept op the forward of a layer call did not run); the first miss warns once.
-`scopes_of` says whether a plan can be scoped (a kept op run by the layer module itself cannot);
-`ReversibleMode` falls back to per-op execution when it cannot, and under `torch.compile`.
+layer call and mark forward or recompute; one pre-hook per layer records the layer's index. Plan
+fidelity counts hits (planned ops seen in scopes: all kept ops, and the recomputed ones inside
+scopes) and misses (an expensive op in a scope that the plan lacks, or a kept op the forward of a
+layer call did not run); the first of each warns once. A plan cannot be scoped when it keeps an op run
+by the layer module itself; `ReversibleMode` then runs it per-op, and always under `torch.compile`.
 """
 
 from __future__ import annotations
