@@ -8,11 +8,12 @@ at all. So the layer is checkpointed plainly (as HF's activation checkpointing d
 runs only in the plan's *scopes* (`scopes_of`), one per kept `OpKey`'s module (the innermost module
 running the op), a scope nested in another being covered by the outer one. Three kinds:
 
-* **linear**: an `nn.Linear` whose one planned op, its matmul, is kept: its forward runs `_KeptLinear`,
-  an autograd Function that caches the output in the forward and hands it back in the recompute,
-  saving the same input and weight in both (so the recompute saves what the forward saved), with
-  autograd's addmm/mm backward formulas (gradients equal per-op's bit for bit). No dispatch mode, no
-  hook. Under autocast (which casts inside `F.linear`) it runs as a module scope instead.
+* **linear**: an `nn.Linear` whose one planned op, its matmul, is kept: its forward runs natively
+  and its output is cached; in the recompute `_RecomputedLinear` hands the output back and saves for
+  backward exactly the views of input and weight that `F.linear` saved in the forward (probed once
+  per kind of call, `_linear_layout`), so the forward's own autograd graph and backward are used
+  (gradients equal per-op's bit for bit). No dispatch mode, no hook. Where `F.linear` saves anything
+  else (under autocast, which casts inside it) the call runs in the dispatch mode, as a module scope.
 * **attention**: a module whose own planned ops are attention kernels only, and which calls a
   transformers attention function from `ALL_ATTENTION_FUNCTIONS` (sdpa, flash, flex): only that call
   runs in the mode (the registry entry is wrapped, reference counted, restored on `remove()`; other
@@ -44,7 +45,7 @@ from collections import Counter
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import SAC_IGNORED_OPS, _detach_helper, _VersionWrapper
 
@@ -58,7 +59,7 @@ _ATTENTION_OPS = frozenset(op_names.ATTENTIONS.split())
 class Scopes(NamedTuple):
     """Where a layer's plan runs: module paths (keep/replay over the module's forward), attention paths
     (keep/replay over the call of transformers' attention function that the module makes) and linear
-    paths (an `nn.Linear` whose one planned op, its matmul, is kept: `_KeptLinear`, no dispatch mode)."""
+    paths (an `nn.Linear` whose one planned op, its matmul, is kept: `_RecomputedLinear`, no dispatch mode)."""
 
     modules: dict[int, list[str]]
     attention: dict[int, list[str]]
@@ -114,9 +115,7 @@ def scopes_of(plan: RecomputePlan, layers: torch.nn.ModuleList) -> Scopes | None
     return Scopes(modules, attention, linears)
 
 
-# A kept linear's storage entry in a layer call whose forward did not keep it (an unplanned call, recomputed).
-_NOT_KEPT = object()
-# The planned keys of an `nn.Linear` that `_KeptLinear` runs: its one matmul, with or without bias.
+# The planned keys of an `nn.Linear` that runs as a linear scope: its one matmul, with or without bias.
 _LINEAR_KEYS = {("aten.addmm.default", 0), ("aten.mm.default", 0)}
 
 
@@ -124,38 +123,51 @@ def _covered(outer: set[str], path: str) -> bool:
     return any(path.startswith(scope + ".") for scope in outer)
 
 
-class _KeptLinear(torch.autograd.Function):
-    """`F.linear` whose output is cached in the forward and handed back in the recompute.
+def _linear_layout(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, ...] | None:
+    """What `F.linear` saves for backward on tensors like these, in order, as views of its input and weight.
 
-    Saves the input and weight for backward in both, so the checkpoint's recompute saves what its
-    forward saved, and computes the gradients as autograd's addmm/mm backward does. ``slot`` is
-    ``[cached, version]``: empty in the forward (filled here), filled in the recompute.
+    ``"x"`` (the input), ``"x2d"`` (the input flattened to 2-D), ``"w"`` (the weight), ``"wt"`` (its
+    transpose); None when it saves anything else (autocast's casts, a layout we do not know). Probed on
+    tiny tensors of the same dtype, device and requires-grad flags, outside every dispatch mode.
+    """
+    probe_x = torch.zeros((2,) * (x.dim() - 1) + x.shape[-1:], dtype=x.dtype, device=x.device)
+    probe_x.requires_grad_(x.requires_grad)
+    probe_w = torch.zeros_like(weight).requires_grad_(weight.requires_grad)
+    probe_b = None if bias is None else torch.zeros_like(bias).requires_grad_(bias.requires_grad)
+    saved = []
+    with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.nn.functional.linear(probe_x, probe_w, probe_b)
+    views = {"x": probe_x, "x2d": probe_x.reshape(-1, x.shape[-1]), "w": probe_w, "wt": probe_w.t()}
+    layout = []
+    for tensor in saved:
+        # By storage, shape, strides and offset: a square weight and its transpose share the shape.
+        found = [name for name, view in views.items()
+                 if view.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+                 and (view.shape, view.stride(), view.storage_offset())
+                 == (tensor.shape, tensor.stride(), tensor.storage_offset())]
+        if not found:
+            return None
+        layout.append(found[0])
+    return tuple(layout)
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """A kept linear in the recompute: its cached output, saving what `F.linear` saved in the forward.
+
+    The forward ran `F.linear` itself (native autograd, native backward); the recompute only has to
+    hand the checkpoint the same saved tensors in the same order (`_linear_layout`), which backward
+    then unpacks into the forward's graph. This graph is discarded, never differentiated.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, slot):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        if slot and slot[0]._version == slot[1]:
-            return slot[0].detach()
-        out = torch.nn.functional.linear(x, weight, bias)  # also when the cached output was mutated
-        if not slot:
-            cached = out.detach()
-            slot.extend((cached, cached._version))
-        return out
+    def forward(ctx, x, weight, cached, layout):
+        views = {"x": lambda: x, "x2d": lambda: x.reshape(-1, x.shape[-1]), "w": lambda: weight, "wt": weight.t}
+        ctx.save_for_backward(*(views[entry]() for entry in layout))
+        return cached.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_2d = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_2d.mm(weight).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = x.reshape(-1, x.shape[-1]).t().mm(grad_2d).t()
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_2d.sum(0)
-        return grad_x, grad_w, grad_b, None
+        raise RuntimeError("bwsk: a checkpoint's recompute graph is never differentiated")
 
 
 # Attention modules whose calls of the attention function run in a scope: module -> ScopedExecution.
@@ -379,17 +391,25 @@ class ScopedExecution:
             call.modes.pop().__exit__(None, None, None)
 
     def _linear_forward(self, module: torch.nn.Linear, path: str, op: str, original):
-        """The forward of a kept `nn.Linear`: `_KeptLinear` in a layer call, the original elsewhere.
+        """The forward of a kept `nn.Linear` in a layer call: native, its output cached; replayed in the recompute.
 
-        Under autocast (which casts inside `F.linear`) the call runs in the dispatch mode instead, as
-        a module scope would; forward and recompute run under the same autocast, so they agree.
+        When `F.linear` would save anything but views of the input and weight (under autocast, which
+        casts inside it), the call runs in the dispatch mode instead, as a module scope would; forward
+        and recompute run under the same autocast, so they agree.
         """
+        layouts: dict = {}
 
         def forward(x):
             if not self._calls or self._stack:  # not checkpointed now, or inside a scope's mode already
                 return original(x)
             call = self._calls[-1]
-            if torch.is_autocast_enabled(x.device.type):
+            weight, bias = module.weight, module.bias
+            signature = (x.dim(), x.is_contiguous(), x.requires_grad, weight.requires_grad, bias is None,
+                         bias is not None and bias.requires_grad, x.dtype, x.device, torch.is_autocast_enabled(x.device.type))
+            layout = layouts.get(signature, False)
+            if layout is False:
+                layout = layouts[signature] = None if signature[-1] else _linear_layout(x, weight, bias)
+            if layout is None:
                 self._stack.append(path)
                 self._open(call)
                 try:
@@ -401,13 +421,15 @@ class ScopedExecution:
             occurrence = call.counts.get(module, 0)
             call.counts[module] = occurrence + 1
             if call.recompute:
-                slot = call.storage.pop((module, occurrence), _NOT_KEPT)
-            else:
-                slot = [] if self._decide(call, path, op, occurrence, True) else _NOT_KEPT
-                call.storage[module, occurrence] = slot
-            if slot is _NOT_KEPT:
-                return original(x)
-            return _KeptLinear.apply(x, module.weight, module.bias, slot)
+                entry = call.storage.pop((module, occurrence), None)
+                if entry is not None and entry[0]._version == entry[1]:
+                    return _RecomputedLinear.apply(x, weight, entry[0], layout)
+                return original(x)  # not kept, or its output was modified in place since
+            out = original(x)
+            if self._decide(call, path, op, occurrence, True):
+                cached = out.detach()
+                call.storage[module, occurrence] = (cached, cached._version)
+            return out
 
         return forward
 
