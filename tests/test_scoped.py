@@ -14,7 +14,7 @@ from hf_bwsk.analysis import find_decoder_layers
 from hf_bwsk.errors import BWSKError
 from hf_bwsk.memory import ReversibleMode, bytes_kept_for_backward, count_train_flops
 from hf_bwsk.memory.plan import OpKey, RecomputePlan
-from hf_bwsk.memory.scoped import scopes_of
+from hf_bwsk.memory.scoped import _linear_layout, scopes_of
 
 ARCH_PARAMS = [pytest.param(arch, marks=pytest.mark.slow) if arch == "mamba" else arch for arch in ARCHS]
 # Architectures with attention, and those whose sdpa attention runs one attention kernel (GPT-2's, in
@@ -57,7 +57,7 @@ def test_scoped_keeps_the_same_bytes_recomputes_the_same_flops_and_gives_per_op_
     *scoped, grads = kept_and_flops(build(arch), batch, "scoped")
     *per_op, grads_per_op = kept_and_flops(build(arch), batch, "per_op")
     assert scoped == per_op, f"{arch}/{attention}: scoped (bytes, FLOPs) {scoped} != per-op {per_op}"
-    # Kept linears' own backward computes what autograd's addmm/mm backward does, bit for bit.
+    # Kept linears' recompute saves what F.linear saved in the forward, whose own backward then runs: bit for bit.
     differ = [name for name in grads if not torch.equal(grads[name], grads_per_op[name])]
     assert not differ, f"gradients differ from per-op's: {differ}"
 
@@ -200,3 +200,17 @@ def test_under_bf16_autocast_scoped_equals_per_op_in_bytes_flops_and_gradients()
     assert (kept, flops) == (kept_p, flops_p)
     assert torch.equal(loss, loss_p)
     assert all(torch.equal(grads[name], grads_p[name]) for name in grads), "gradients differ from per-op's"
+
+
+@pytest.mark.parametrize("weight_shape", [(8, 8), (5, 8)])
+def test_linear_layout_names_what_f_linear_saves_and_refuses_the_unknown(weight_shape):
+    weight = torch.randn(weight_shape, requires_grad=True)
+    bias = torch.randn(weight_shape[0], requires_grad=True)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    # Square weights: the transpose has the weight's shape, told apart by its strides.
+    assert _linear_layout(x, weight, bias) == ("x2d", "wt")
+    assert set(_linear_layout(x, weight, None)) == {"x2d", "wt"}
+    assert _linear_layout(x, weight.detach(), bias) == ("wt",), "a frozen weight (LoRA's base layer): no input saved"
+    assert _linear_layout(x[0], weight, bias) == ("x", "wt")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _linear_layout(x, weight, bias) is None, "autocast's casts are not views of input or weight"
