@@ -214,3 +214,4 @@ def test_linear_layout_names_what_f_linear_saves_and_refuses_the_unknown(weight_
     assert _linear_layout(x[0], weight, bias) == ("x", "wt")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _linear_layout(x, weight, bias) is None, "autocast's casts are not views of input or weight"
+    assert _linear_layout(x.transpose(0, 1), weight, bias) is None, "a non-contiguous input may be copied"

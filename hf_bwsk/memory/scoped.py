@@ -127,20 +127,24 @@ def _linear_layout(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """What `F.linear` saves for backward on tensors like these, in order, as views of its input and weight.
 
     ``"x"`` (the input), ``"x2d"`` (the input flattened to 2-D), ``"w"`` (the weight), ``"wt"`` (its
-    transpose); None when it saves anything else (autocast's casts, a layout we do not know). Probed on
-    tiny tensors of the same dtype, device and requires-grad flags, outside every dispatch mode.
+    transpose); None when it saves anything else (autocast's casts, a layout we do not know) or the input
+    is not contiguous. Probed on tiny tensors (a 3 x 2 weight) of the same dtypes, device, dimensions and
+    requires-grad flags, outside every dispatch mode.
     """
-    probe_x = torch.zeros((2,) * (x.dim() - 1) + x.shape[-1:], dtype=x.dtype, device=x.device)
-    probe_x.requires_grad_(x.requires_grad)
-    probe_w = torch.zeros_like(weight).requires_grad_(weight.requires_grad)
-    probe_b = None if bias is None else torch.zeros_like(bias).requires_grad_(bias.requires_grad)
+    if not x.is_contiguous():
+        return None
+    probe = functools.partial(torch.zeros, device=x.device)
+    probe_x = probe((2,) * x.dim(), dtype=x.dtype).requires_grad_(x.requires_grad)
+    probe_w = probe((3, 2), dtype=weight.dtype).requires_grad_(weight.requires_grad)
+    probe_b = None if bias is None else probe(3, dtype=bias.dtype).requires_grad_(bias.requires_grad)
     saved = []
-    with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with (_disable_current_modes(), torch.enable_grad(),
+          torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)):
         torch.nn.functional.linear(probe_x, probe_w, probe_b)
-    views = {"x": probe_x, "x2d": probe_x.reshape(-1, x.shape[-1]), "w": probe_w, "wt": probe_w.t()}
+    views = {"x": probe_x, "x2d": probe_x.reshape(-1, 2), "w": probe_w, "wt": probe_w.t()}
     layout = []
     for tensor in saved:
-        # By storage, shape, strides and offset: a square weight and its transpose share the shape.
+        # By storage, shape, strides and offset (a square weight and its transpose share the shape).
         found = [name for name, view in views.items()
                  if view.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
                  and (view.shape, view.stride(), view.storage_offset())
@@ -307,6 +311,7 @@ class ScopedExecution:
         self._handles = []
         self._attention: dict[torch.nn.Module, str] = {}
         self._linears: dict[torch.nn.Module, Any] = {}  # module -> its own forward before ours (None: the class')
+        self._linear_layouts: dict[tuple, tuple[str, ...] | None] = {}  # by kind of call (`_linear_layout`)
         for index, layer in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index)))
             for path in scopes.linears.get(index, ()):
@@ -397,7 +402,7 @@ class ScopedExecution:
         casts inside it), the call runs in the dispatch mode instead, as a module scope would; forward
         and recompute run under the same autocast, so they agree.
         """
-        layouts: dict = {}
+        layouts = self._linear_layouts
 
         def forward(x):
             if not self._calls or self._stack:  # not checkpointed now, or inside a scope's mode already
@@ -405,7 +410,8 @@ class ScopedExecution:
             call = self._calls[-1]
             weight, bias = module.weight, module.bias
             signature = (x.dim(), x.is_contiguous(), x.requires_grad, weight.requires_grad, bias is None,
-                         bias is not None and bias.requires_grad, x.dtype, x.device, torch.is_autocast_enabled(x.device.type))
+                         bias is not None and bias.requires_grad, x.dtype, weight.dtype, x.device,
+                         torch.is_autocast_enabled(x.device.type))
             layout = layouts.get(signature, False)
             if layout is False:
                 layout = layouts[signature] = None if signature[-1] else _linear_layout(x, weight, bias)
