@@ -47,7 +47,11 @@ LLAMA_1B_CLASS = dict(
 SHAPES = {"pythia-70m": (8, 512), "mamba-130m": (2, 32), "llama-1b-class-1-layer": (1, 2048)}
 BASELINES = ("conventional", "hf_checkpointing", "hf_checkpointing_every_2", "hf_checkpointing_fused_loss",
              "torch_selective_save_matmuls")
-BUDGET_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.25)
+# bwsk budgets between the least peak (0) and the default plan's (1); 3 lets the plan keep every matmul output.
+BUDGET_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.25, 3.0)
+# `torch.compile` rows: "torch_compile_budget_<activation_memory_budget>" (see compile_budget.py).
+COMPILE_PREFIX = "torch_compile_budget_"
+COMPILE_BUDGETS = (0.1, 0.3, 0.5, 1.0)
 
 
 def build(shape: str):
@@ -119,10 +123,13 @@ def measure(shape: str, mode: str, budget: int | None = None) -> dict:
     """One mode on a fresh model from the same seed: one tracked training step."""
     from hf_bwsk.memory import FirstStepMemory, count_train_flops, step_peak
 
+    if mode.startswith(COMPILE_PREFIX):
+        return measure_compiled(shape, float(mode.removeprefix(COMPILE_PREFIX)))
     model = build(shape)
     batch_size, seq_len = SHAPES[shape]
     batch = synthetic_batch(model.config.vocab_size, batch_size, seq_len, torch.device("cpu"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # What `Trainer` builds by default (`optim="adamw_torch_fused"`): its step allocates no temporaries.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     create_adam_state(model, optimizer)
     status = apply_mode(mode, model, batch, optimizer, budget)
     kept = FirstStepMemory(model)
@@ -160,6 +167,24 @@ def measure(shape: str, mode: str, budget: int | None = None) -> dict:
     return row
 
 
+def measure_compiled(shape: str, budget: float) -> dict:
+    """`torch.compile` under ``activation_memory_budget``: kept bytes and FLOPs of its partition (no peak)."""
+    from compile_budget import budget_context, compile_with_budget
+
+    model = build(shape)
+    batch_size, seq_len = SHAPES[shape]
+    batch = synthetic_batch(model.config.vocab_size, batch_size, seq_len, torch.device("cpu"))
+    compiled, counts = compile_with_budget(model, budget)
+    start = time.perf_counter()
+    with budget_context(budget):
+        loss = compiled(**batch)["loss"]
+        loss.backward()
+    seconds = time.perf_counter() - start
+    return {"mode": f"{COMPILE_PREFIX}{budget}", "loss": loss.item(), "peak": None, "kept_bytes": counts.kept_bytes,
+            "grad_buffer_bytes_kept": 0, "train_flops": counts.flops, "cpu_step_s_noisy": seconds,
+            "compiled_graphs": counts.graphs, "activation_memory_budget": budget}
+
+
 def run(shape: str, modes: list[str], out: str, fractions: tuple[float, ...] = BUDGET_FRACTIONS) -> None:
     rows = []
     for mode in modes:
@@ -185,7 +210,8 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="measure one shape's modes into a JSON file")
     run_parser.add_argument("--shape", choices=list(SHAPES), required=True)
-    run_parser.add_argument("--modes", nargs="+", default=[*BASELINES, "bwsk_reversible", "bwsk_budgets"],
+    run_parser.add_argument("--modes", nargs="+", default=[
+        *BASELINES, *(f"{COMPILE_PREFIX}{budget}" for budget in COMPILE_BUDGETS), "bwsk_reversible", "bwsk_budgets"],
                             help="modes in order; bwsk_budgets needs bwsk_reversible before it")
     run_parser.add_argument("--out", required=True)
     run_parser.add_argument("--budget-fractions", nargs="+", type=float, default=list(BUDGET_FRACTIONS),

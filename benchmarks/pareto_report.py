@@ -15,7 +15,8 @@ def with_ratios(result: dict) -> dict:
     rows = result["rows"]
     base = next(row for row in rows if row["mode"] == "conventional")
     for row in rows:
-        row["peak_x"] = row["peak"]["peak_bytes"] / base["peak"]["peak_bytes"]
+        # torch.compile rows have no whole-step peak (its kernels run outside the dispatcher).
+        row["peak_x"] = row["peak"]["peak_bytes"] / base["peak"]["peak_bytes"] if row["peak"] else None
         row["kept_x"] = row["kept_bytes"] / base["kept_bytes"]
         row["flops_x"] = row["train_flops"] / base["train_flops"]
         row["loss_abs_diff"] = abs(row["loss"] - base["loss"])
@@ -37,16 +38,23 @@ def table(result: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        peak = row["peak"]
-        state = peak["weight_bytes"] + peak["grad_bytes"] + peak["optimizer_bytes"]
         matched = {True: "yes", False: "no"}.get(row.get("matched_by_bwsk"), "")
         lines.append(
-            f"| {row['mode']} | {peak['peak_bytes'] / _MB:.0f} | {row['peak_x']:.3f} | {state / _MB:.0f} "
-            f"| {peak['activation_bytes'] / _MB:.0f} | {peak['phase']} | {row['kept_bytes'] / _MB:.1f} "
+            f"| {row['mode']} | {_peak_cells(row)} | {row['kept_bytes'] / _MB:.1f} "
             f"| {row['kept_x']:.3f} | {row['flops_x']:.3f} | {row['cpu_step_s_noisy']:.1f} "
             f"| {row['loss_abs_diff']:.1e} | {matched} |"
         )
     return lines
+
+
+def _peak_cells(row: dict) -> str:
+    """Peak MB, peak x, state and activations at the peak, and where it fell ("-" where not measured)."""
+    peak = row["peak"]
+    if peak is None:
+        return "- | - | - | - | -"
+    state = peak["weight_bytes"] + peak["grad_bytes"] + peak["optimizer_bytes"]
+    return (f"{peak['peak_bytes'] / _MB:.0f} | {row['peak_x']:.3f} | {state / _MB:.0f} "
+            f"| {peak['activation_bytes'] / _MB:.0f} | {peak['phase']}")
 
 
 def append_tables(results: list[dict], benchmarks: Path, section: str) -> None:
@@ -56,8 +64,8 @@ def append_tables(results: list[dict], benchmarks: Path, section: str) -> None:
         f"### {first['date']}, commit {first['commit']}",
         "",
         f"Device: {first['device']}; torch {versions['torch']}, transformers {versions['transformers']}; fp32; "
-        f"{first['threads']} CPU thread(s); one measured step per mode (AdamW moments created beforehand); "
-        "seed 0.",
+        f"{first['threads']} CPU thread(s); one measured step per mode (fused AdamW, `Trainer`'s default, its "
+        "moments created beforehand); seed 0.",
         "",
     ]
     for result in results:
@@ -70,7 +78,10 @@ def append_tables(results: list[dict], benchmarks: Path, section: str) -> None:
         "(activations only: the fused loss' head-weight gradient, the `.grad` every mode allocates, apart). FLOPs: matmul/attention FLOPs of forward + "
         "backward, recompute included. x: ratio to conventional in the same run. CPU step time: of the "
         "tracked step on shared cores, noisy. Last column: whether some bwsk plan of the same run keeps no "
-        "more bytes at no more FLOPs than that baseline. The Llama shape has one decoder layer: its layers' "
+        "more bytes at no more FLOPs than that baseline. `torch_compile_budget_B`: `torch.compile` with "
+        "`activation_memory_budget=B`, kept bytes and FLOPs read off its partition (`benchmarks/compile_budget.py`; "
+        "no whole-step peak: inductor's kernels run outside the dispatcher the tracker watches). "
+        "The Llama shape has one decoder layer: its layers' "
         "bytes and FLOPs scale linearly with the layer count (x16 for Llama-3.2-1B), the embeddings, head "
         "and loss do not."
     )
@@ -91,7 +102,7 @@ def plot(results: list[dict], png: str) -> None:
             bwsk = sorted((r for r in result["rows"] if r["mode"].startswith("bwsk")), key=lambda r: r["flops_x"])
             ax.plot([r["flops_x"] for r in bwsk], [r[key] for r in bwsk], "o-", color="tab:blue", label="bwsk plans")
             for r in result["rows"]:
-                if not r["mode"].startswith("bwsk"):
+                if not r["mode"].startswith("bwsk") and r[key] is not None:
                     ax.plot(r["flops_x"], r[key], "s", label=r["mode"])
             ax.set_xlabel("FLOPs (x conventional)")
             ax.set_ylabel(f"{label} (x conventional)")

@@ -8,7 +8,7 @@ from hf_bwsk import BWSKTrainingArguments
 from hf_bwsk.analysis import find_decoder_layers
 from hf_bwsk.errors import BWSKError
 from hf_bwsk.memory import ReversibleMode, fused_linear_cross_entropy, step_peak
-from hf_bwsk.memory.budget import auto_peak_budget
+from hf_bwsk.memory.budget import auto_peak_budget, training_state_bytes
 from hf_bwsk.memory.loss import auto_chunk_size
 
 BATCH = (4, 128)  # activations well above the tiny models' weights and AdamW state, so the prediction is tested
@@ -93,3 +93,28 @@ def test_loss_chunk_holds_one_logits_buffer():
     gradients = (tokens + vocab) * hidden * 4  # the hidden-state and head gradients, computed in forward
     # One logits buffer, the gradients, and [chunk x hidden] rows (gathered hidden, grad rows) plus small vectors.
     assert buffer + gradients <= peak.peak_bytes - peak.weight_bytes <= buffer + gradients + 8 * chunk * hidden * 4 + 4 * 4 * chunk, peak
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach", "per_tensor"])
+def test_optimizer_step_temporaries_follow_the_implementation(implementation):
+    """The predicted step temporaries of each AdamW implementation against the measured step peak."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 32))
+    options = {"fused": {"fused": True}, "foreach": {"foreach": True}, "per_tensor": {"foreach": False}}[implementation]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **options)
+    inputs = torch.randn(2, 64)
+
+    def step():
+        model(inputs).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    measured = step_peak(step, model=model, optimizer=optimizer)
+    predicted = training_state_bytes(model, optimizer)
+    # The step's own temporaries are what the measured peak holds beyond the training state (the forward's
+    # few hundred bytes of activations are smaller than either side's tolerance).
+    assert measured.peak_bytes - measured.state_bytes == pytest.approx(predicted.step_transient, abs=4096), (
+        implementation, measured, predicted)
+    expected = {"fused": 0, "foreach": predicted.grads, "per_tensor": 2 * 256 * 64 * 4}[implementation]
+    assert predicted.step_transient == expected, predicted

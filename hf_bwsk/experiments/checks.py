@@ -73,7 +73,7 @@ def check_memory_budget(config, training_args: BWSKTrainingArguments, block_size
     budget = training_args.bwsk_memory_budget_bytes
     if budget is None or "reversible" not in modes:
         return
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Trainer
 
     from ..analysis import find_decoder_layers
     from ..memory.budget import kept_bytes_budget, step_shape, training_state_bytes
@@ -95,7 +95,10 @@ def check_memory_budget(config, training_args: BWSKTrainingArguments, block_size
         )
     head_weight = model.get_output_embeddings().weight
     chunk = training_args.bwsk_loss_chunk_size or auto_chunk_size(input_ids.numel(), *head_weight.shape[::-1])
-    kept_bytes_budget(budget, step_shape(trace, training_state_bytes(model), head_weight, chunk), minimum)
+    # The optimizer the Trainer will build (its default, adamw_torch_fused, has no step temporaries).
+    _, optimizer_options = Trainer.get_optimizer_cls_and_kwargs(training_args)
+    state = training_state_bytes(model, optimizer_options=optimizer_options, device_type=training_args.device.type)
+    kept_bytes_budget(budget, step_shape(trace, state, head_weight, chunk), minimum)
 
 
 def given_or(value, default):
