@@ -6,8 +6,11 @@ Each model is measured in a fresh process: "cold" is the first `analyze()` call 
 three further calls; wall and process CPU time both, with the load average, since on a shared
 machine wall time also measures the neighbours. The command (`python -m hf_bwsk.cli analyze NAME`:
 op table, module view, CALM table with the sharding plan) is timed as a user runs it, start-up
-included, median of three, next to the bare imports it cannot avoid (torch, transformers' modeling
-code). Prints one JSON object and appends rows to docs/BENCHMARKS.md.
+included, median of three each way: cold (a fresh, empty analysis cache each time: imports and
+trace) and cached (the same command again, answered from the cache without torch), next to the
+bare imports a cold run cannot avoid (torch, transformers' modeling code). The caches live in a
+temporary directory, removed afterwards. Prints one JSON object and appends rows to
+docs/BENCHMARKS.md.
 
     python benchmarks/analysis_speed.py [--models pythia-70m mamba-130m] [--no-append]
 """
@@ -21,7 +24,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from provenance import ROOT, provenance
 
@@ -35,11 +40,11 @@ HEADER = (
 WARM_REPEATS = 3
 CLI_SECTION = "## `hf-bwsk analyze` end to end (`benchmarks/analysis_speed.py`)"
 CLI_HEADER = (
-    "| date | commit | device | model | command s (CPU s) | imports alone s (CPU s) | target s "
-    "| load avg before / after |\n|---|---|---|---|---|---|---|---|"
+    "| date | commit | device | model | cold command s (CPU s) | cached command s (CPU s) "
+    "| imports alone s (CPU s) | target s | load avg before / after |\n|---|---|---|---|---|---|---|---|---|"
 )
 CLI_TARGETS = {"pythia-70m": 2.0, "mamba-130m": 5.0}
-IMPORTS = "import hf_bwsk.cli, hf_bwsk.analysis, transformers.modeling_utils"
+IMPORTS = "import hf_bwsk.cli, hf_bwsk.analysis.analyzer, transformers.modeling_utils"
 
 
 def measure(name: str) -> dict:
@@ -83,11 +88,12 @@ def timed(function, *args):
     return (time.perf_counter() - wall, time.process_time() - cpu), result
 
 
-def timed_child(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the child) of one subprocess run."""
+def timed_child(command: list[str], cache: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the child) of one subprocess run (its analysis cache: ``cache``)."""
+    env = {**os.environ, "HF_BWSK_CACHE": str(cache)} if cache is not None else None
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.perf_counter()
-    subprocess.run(command, capture_output=True, check=True)
+    subprocess.run(command, capture_output=True, check=True, env=env)
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -98,14 +104,19 @@ def median_pair(runs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def measure_cli(name: str) -> dict:
-    """`hf-bwsk analyze NAME` as a user runs it, and the imports alone, median of three each."""
+    """`hf-bwsk analyze NAME` as a user runs it, cold (empty cache) and cached, and the imports
+    alone, median of three each."""
     load_before = round(os.getloadavg()[0], 1)
     command = [sys.executable, "-m", "hf_bwsk.cli", "analyze", name]
-    runs = [timed_child(command) for _ in range(WARM_REPEATS)]
+    with tempfile.TemporaryDirectory(prefix="hf_bwsk_analysis_cache_") as root:
+        caches = [Path(root) / f"cold{run}" for run in range(WARM_REPEATS)]
+        cold = [timed_child(command, cache) for cache in caches]  # each into an empty cache
+        cached = [timed_child(command, caches[0]) for _ in range(WARM_REPEATS)]
     imports = [timed_child([sys.executable, "-c", IMPORTS]) for _ in range(WARM_REPEATS)]
     return {
         "model": name,
-        "command_s": median_pair(runs),
+        "command_s": median_pair(cold),
+        "cached_command_s": median_pair(cached),
         "imports_s": median_pair(imports),
         "target_s": CLI_TARGETS.get(name),
         "load_average": [load_before, round(os.getloadavg()[0], 1)],
@@ -115,23 +126,37 @@ def measure_cli(name: str) -> dict:
 def append_cli_rows(results: dict) -> None:
     rows = [
         f"| {results['date']} | {results['commit']} | {results['device']} | {m['model']} "
-        f"| {m['command_s'][0]:.2f} ({m['command_s'][1]:.2f}) | {m['imports_s'][0]:.2f} ({m['imports_s'][1]:.2f}) "
+        f"| {m['command_s'][0]:.2f} ({m['command_s'][1]:.2f}) "
+        f"| {m['cached_command_s'][0]:.2f} ({m['cached_command_s'][1]:.2f}) "
+        f"| {m['imports_s'][0]:.2f} ({m['imports_s'][1]:.2f}) "
         f"| {m['target_s']} | {m['load_average'][0]} / {m['load_average'][1]} |"
         for m in results["cli"]
     ]
-    insert_rows(CLI_SECTION, "`hf-bwsk analyze NAME` at its defaults, wall (CPU) seconds, median of three.",
+    insert_rows(CLI_SECTION, "`hf-bwsk analyze NAME` at its defaults, wall (CPU) seconds, median of three: cold "
+                "(empty analysis cache) and cached (the repeated command).",
                 CLI_HEADER, rows)
 
 
 def insert_rows(section: str, intro: str, header: str, rows: list[str]) -> None:
-    """Add rows at the end of a section's table in docs/BENCHMARKS.md (the section made if new)."""
+    """Add rows at the end of a section's table in docs/BENCHMARKS.md (the section made if new).
+
+    The table is the section's last one with this ``header``; when the section only holds tables
+    with other columns (an older layout), a new table with ``intro`` and ``header`` starts at its end.
+    """
     text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.exists() else "# Benchmarks\n"
     lines = text.rstrip("\n").split("\n")
     if section not in lines:
-        lines += ["", section, "", intro, "", header]
-    end = lines.index(section) + 1
-    while end < len(lines) and not lines[end].startswith("| date"):
-        end += 1
+        lines += ["", section, "", intro, "", *header.split("\n")]
+    start = lines.index(section) + 1
+    stop = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    title = header.split("\n")[0]
+    tables = [i for i in range(start, stop) if lines[i] == title]
+    if not tables:
+        while stop > start and not lines[stop - 1].strip():
+            stop -= 1
+        lines[stop:stop] = ["", intro, "", *header.split("\n")]
+        tables = [stop + 3]
+    end = tables[-1]
     while end < len(lines) and lines[end].startswith("|"):
         end += 1
     lines[end:end] = rows

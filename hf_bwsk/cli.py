@@ -7,8 +7,10 @@ the traceback.
 """
 
 import argparse
+import base64
 import contextlib
 import importlib.util
+import json
 import sys
 import traceback
 from collections.abc import Callable
@@ -23,7 +25,8 @@ EXIT_BAD_INPUT = 2
 DEFAULT_SEQ_LEN, DEFAULT_BATCH = 128, 2
 # The built-in model names, read from the shipped configs: importing hf_bwsk.models would load
 # transformers, and `hf-bwsk --help` or a usage error must answer at once.
-BUILTIN_NAMES = sorted(path.stem for path in (Path(__file__).parent / "models" / "configs").glob("*.json"))
+BUILTIN_CONFIGS = Path(__file__).parent / "models" / "configs"
+BUILTIN_NAMES = sorted(path.stem for path in BUILTIN_CONFIGS.glob("*.json"))
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class Subcommand:
     help: str
     arguments: tuple[tuple[tuple[str, ...], dict], ...]
     run: Callable[[argparse.Namespace], None]
+    # True when ``run`` enters `_library_logs` itself, around its heavy part only (so that an answer
+    # from the cache imports no HF library); otherwise `main` enters it around the whole command.
+    quiets_own_logs: bool = False
 
 
 def argument(*flags: str, **options) -> tuple[tuple[str, ...], dict]:
@@ -41,11 +47,11 @@ def argument(*flags: str, **options) -> tuple[tuple[str, ...], dict]:
     return flags, options
 
 
-def subcommand(name: str, help: str, *arguments: tuple[tuple[str, ...], dict]):
+def subcommand(name: str, help: str, *arguments: tuple[tuple[str, ...], dict], quiets_own_logs: bool = False):
     """Turn ``run(args)`` into a ``Subcommand`` that ``build_parser`` can register."""
 
     def declare(run: Callable[[argparse.Namespace], None]) -> Subcommand:
-        return Subcommand(name, help, arguments, run)
+        return Subcommand(name, help, arguments, run, quiets_own_logs)
 
     return declare
 
@@ -86,40 +92,99 @@ def positive_int(text: str) -> int:
     argument("--plot", type=Path, metavar="PATH", help="also save a PNG map of the layers (needs matplotlib)"),
     argument("--html", type=Path, metavar="PATH",
              help="also save a self-contained HTML report (layer map, CALM phases, sharding plan, ops)"),
+    argument("--no-cache", action="store_true",
+             help="trace afresh and leave the analysis cache alone (cache: $HF_BWSK_CACHE, "
+             "default <HF_HOME>/hf_bwsk/analysis)"),
+    quiets_own_logs=True,
 )
 def analyze(args: argparse.Namespace) -> None:
-    from .models import load_config
+    from .analysis import cache
 
     _check_outputs(args)
-    config = load_config(args.model)
+    material = None if args.no_cache else _cache_material(args)
+    output = cache.load(material) if material is not None else None
+    if output is None:
+        with _library_logs(args.debug):
+            output = _analyze_afresh(args)
+        if material is not None:
+            cache.store(material, output)
+    print(output["stdout"], end="")
+    for flag, saved in ANALYZE_OUTPUTS.items():
+        path = getattr(args, flag)
+        if path is not None:
+            path.write_bytes(base64.b64decode(output["files"][flag]))
+            print(saved.format(path=path))
 
+
+# The files `analyze` can write: option -> the line printed once it is saved.
+ANALYZE_OUTPUTS = {
+    "json": "\nreport saved to {path}",
+    "plot": "layer map saved to {path}",
+    "html": "HTML report saved to {path}",
+}
+
+
+def _analyze_afresh(args: argparse.Namespace) -> dict:
+    """Trace and render: the printed text and the bytes of every requested file (base64), which
+    `analyze` prints and writes, from here or from the cache alike."""
     from .analysis import analyze as analyze_forward
     from .analysis import calm_report
+    from .models import load_config
 
+    config = load_config(args.model)
     default_sizes = args.seq_len is None and args.batch_size is None
     report = analyze_forward(config, seq_len=args.seq_len or DEFAULT_SEQ_LEN, batch_size=args.batch_size or DEFAULT_BATCH,
                              granularity=args.granularity, identify_axes=default_sizes)
     calm = None
     if args.granularity == "op":
         calm = calm_report(report)
-        print(report.to_table())
-        print()
-        print(report.module_view.to_table())
-        print()
-        print(calm.to_table())
+        stdout = f"{report.to_table()}\n\n{report.module_view.to_table()}\n\n{calm.to_table()}\n"
     else:
-        print(report.module_view.to_table())
+        stdout = f"{report.module_view.to_table()}\n"
+    files = {}
     if args.json:
-        report.save_json(args.json)
-        print(f"\nreport saved to {args.json}")
+        files["json"] = report.save_json(args.json)
     if args.plot:
-        report.plot(args.plot)
-        print(f"layer map saved to {args.plot}")
+        files["plot"] = report.plot(args.plot)
     if args.html:
         from .analysis.html import save_html
 
-        save_html(args.html, report, calm)
-        print(f"HTML report saved to {args.html}")
+        files["html"] = save_html(args.html, report, calm)
+    return {"stdout": stdout,
+            "files": {flag: base64.b64encode(Path(path).read_bytes()).decode() for flag, path in files.items()}}
+
+
+def _cache_material(args: argparse.Namespace) -> dict | None:
+    """Everything `analyze`'s output depends on, as the key of its cache entry; None when the
+    config cannot be read without transformers (a Hub id, whose config may change on the Hub, or an
+    unusable directory, whose error the traced path reports)."""
+    from .analysis import cache
+
+    path = Path(args.model).expanduser()
+    if path.exists():  # the resolution order of `hf_bwsk.models.load_config`
+        config_file, source = path / "config.json", "directory"
+    elif args.model in BUILTIN_NAMES:
+        config_file, source = BUILTIN_CONFIGS / f"{args.model}.json", "builtin"
+    else:
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    outputs = sorted(flag for flag in ANALYZE_OUTPUTS if getattr(args, flag) is not None)
+    return {
+        "command": "analyze",
+        "model": args.model,
+        "source": source,
+        # transformers resolves the raw config the same way for the same version (in the key).
+        "config": config,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "granularity": args.granularity,
+        "outputs": outputs,
+        "versions": cache.versions(("matplotlib",) if args.plot is not None else ()),
+        "hf_bwsk_sources": cache.source_digest(),
+    }
 
 
 @subcommand("env", "print library versions and the device, for bug reports")
@@ -198,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # usage errors (2) and --help (0)
         return stop.code
     try:
-        with contextlib.nullcontext() if args.debug else _quiet_library_logs():
+        with contextlib.nullcontext() if args.command.quiets_own_logs else _library_logs(args.debug):
             args.command.run(args)
     except BWSKError as error:
         if args.debug:
@@ -218,6 +283,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise BWSKError(f"{flag} maps the traced ops of each layer; use --granularity op or drop {flag}")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise BWSKError("--plot needs matplotlib; install it with: pip install 'hf-bwsk[plot]'")
+
+
+def _library_logs(debug: bool):
+    """The HF libraries' logs as the command wants them: all of them with ``--debug``, else quiet."""
+    return contextlib.nullcontext() if debug else _quiet_library_logs()
 
 
 @contextlib.contextmanager

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,19 @@ import torch
 # Tiny test models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
 # spin-waiting made a 20-step tiny Trainer run take 29 s instead of 1.5 s.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def analysis_cache(tmp_path_factory):
+    """`hf-bwsk analyze` caches its output under HF_HOME: the tests use a cache of their own."""
+    path = tmp_path_factory.mktemp("analysis_cache")
+    previous = os.environ.get("HF_BWSK_CACHE")
+    os.environ["HF_BWSK_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("HF_BWSK_CACHE", None)
+    else:
+        os.environ["HF_BWSK_CACHE"] = previous
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The ``hf-bwsk`` console script: analyze and env, and one-line errors for every bad input."""
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -88,6 +89,103 @@ def test_json_round_trip_and_plot(tmp_path, capsys):
     expected = analyze(load_config(tmp_path / "model"), seq_len=16, batch_size=1)
     assert loaded.to_dict() == expected.to_dict()
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- the analysis cache
+
+# A second run answered from the cache: its printed output, and whether torch / transformers got imported.
+CACHED_RUN = """
+import sys
+from hf_bwsk.cli import main
+code = main(sys.argv[1:])
+print("imported:", sorted(name for name in ("torch", "transformers") if name in sys.modules), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_a_repeated_analysis_comes_from_the_cache_without_torch(tmp_path):
+    cache = tmp_path / "cache"
+    first = run_script("analyze", "pythia-70m", *SHAPE, "--html", str(tmp_path / "a.html"),
+                       "--json", str(tmp_path / "a.json"), HF_BWSK_CACHE=str(cache))
+    assert first.returncode == 0, first.stderr
+    assert len(list(cache.glob("*.json"))) == 1
+    second = subprocess.run(
+        [sys.executable, "-c", CACHED_RUN, "analyze", "pythia-70m", *SHAPE, "--html", str(tmp_path / "b.html"),
+         "--json", str(tmp_path / "b.json")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_BWSK_CACHE": str(cache)},
+    )
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.strip() == "imported: []", second.stderr
+    assert second.stdout == first.stdout.replace("a.json", "b.json").replace("a.html", "b.html")
+    assert (tmp_path / "b.html").read_bytes() == (tmp_path / "a.html").read_bytes()
+    assert (tmp_path / "b.json").read_bytes() == (tmp_path / "a.json").read_bytes()
+    assert reference_report("pythia-70m").to_table() in second.stdout
+
+
+def test_cache_key_covers_options_outputs_and_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_BWSK_CACHE", str(tmp_path / "cache"))
+    assert main(["analyze", "mamba-130m", *SHAPE]) == 0
+    plain = capsys.readouterr().out
+    assert main(["analyze", "mamba-130m", *SHAPE, "--granularity", "module"]) == 0
+    assert capsys.readouterr().out != plain
+    assert main(["analyze", "mamba-130m", "--seq-len", "17", "--batch-size", "1"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", "mamba-130m", *SHAPE, "--json", str(tmp_path / "r.json")]) == 0
+    assert SKReport.from_json(tmp_path / "r.json").to_table() in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 4, "one entry per distinct command"
+    # A local directory is keyed by its config's content: an edited config is traced afresh.
+    model = tmp_path / "model"
+    tiny_config("gpt_neox").save_pretrained(model)
+    assert main(["analyze", str(model), *SHAPE]) == 0
+    before = capsys.readouterr().out
+    config = tiny_config("gpt_neox")
+    config.num_hidden_layers += 1
+    config.save_pretrained(model)
+    assert main(["analyze", str(model), *SHAPE]) == 0
+    after = capsys.readouterr().out
+    assert after != before
+    assert analyze(load_config(model), seq_len=16, batch_size=1).to_table() in after
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "edited", "directory"])
+def test_a_damaged_cache_entry_is_ignored_and_rewritten(damage, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_BWSK_CACHE", str(tmp_path / "cache"))
+    assert main(["analyze", "gpt2", *SHAPE]) == 0
+    expected = capsys.readouterr().out
+    (entry,) = (tmp_path / "cache").glob("*.json")
+    text = entry.read_text()
+    if damage == "garbage":
+        entry.write_bytes(b"\xff\x00 not json")
+    elif damage == "truncated":
+        entry.write_text(text[: len(text) // 2])
+    elif damage == "edited":  # valid JSON whose output no longer matches its digest
+        edited = json.loads(text)
+        edited["output"]["stdout"] = "forged\n"
+        entry.write_text(json.dumps(edited))
+    else:
+        entry.unlink()
+        entry.mkdir()
+    assert main(["analyze", "gpt2", *SHAPE]) == 0
+    assert capsys.readouterr().out == expected
+    if damage == "directory":  # not ours to delete: left as found, the command still answers
+        assert entry.is_dir()
+        return
+    rewritten = json.loads(entry.read_text())
+    assert rewritten["output"]["stdout"] == expected
+    assert not list((tmp_path / "cache").glob(".*.tmp")), "no temporary file left behind"
+
+
+def test_no_cache_leaves_the_cache_alone_and_the_default_lives_under_hf_home(tmp_path, monkeypatch, capsys):
+    from hf_bwsk.analysis import cache
+
+    monkeypatch.setenv("HF_BWSK_CACHE", str(tmp_path / "cache"))
+    assert main(["analyze", "gpt2", *SHAPE, "--no-cache"]) == 0
+    assert "Gray" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.delenv("HF_BWSK_CACHE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf_home"))
+    assert cache.cache_dir() == tmp_path / "hf_home" / "hf_bwsk" / "analysis"
 
 
 # ---------------------------------------------------------------- bad input

@@ -1,6 +1,7 @@
 """The reversible mode: exact gradients, far fewer bytes kept for backward, a clean model afterwards."""
 
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from hf_bwsk.analysis.records import OpRecord
 from hf_bwsk.errors import BWSKError
 from hf_bwsk.memory import ReversibleMode, bytes_kept_for_backward
 from hf_bwsk.memory.checkpointing import checkpointing_enabled
-from hf_bwsk.memory.plan import OpKey, plan_recompute
+from hf_bwsk.memory.layer_trace import trace_layers
+from hf_bwsk.memory.plan import PER_STEP, OpKey, plan_recompute
 
 # Mamba's reference scan runs one op group per token on CPU: its cases take ~8 s each.
 ARCH_PARAMS = [pytest.param(arch, marks=pytest.mark.slow) if arch == "mamba" else arch for arch in ARCHS]
@@ -102,7 +104,37 @@ def test_mamba_plan_recomputes_the_narrow_scan_ops_and_keeps_the_width_contracti
         assert ("mixer", narrow) in recomputed
     assert not any(path == "mixer" for path, _ in kept), kept
     assert {("mixer.x_proj", "aten.mm.default"), ("mixer.out_proj", "aten.mm.default")} <= kept
-    assert summary["recomputed_ops"]["mixer:aten.bmm.default"] == 2 * 16  # every token of both layers
+    # The scan's per-token state contraction: its first step (from the zero state), then one op per loop.
+    assert summary["recomputed_ops"]["mixer:aten.bmm.default per step"] == 2  # one loop per layer
+    assert summary["recomputed_loop_steps"]["mixer:aten.bmm.default per step"] == 15
+
+
+def test_plan_summary_groups_the_scan_loop_whatever_the_sequence_length():
+    model = tiny_model("mamba")
+    layers_path, layers = find_decoder_layers(model)
+    summaries = {}
+    for seq_len in (16, 40):
+        trace = trace_layers(model, layers_path, layers, tiny_batch(2, seq_len))
+        plan = plan_recompute(trace.records, trace.layer_input_bytes, batch_size=trace.batch_size,
+                              hidden_size=trace.hidden_size)
+        summaries[seq_len] = plan.summary()
+        ungrouped = Counter((key.path, key.op) for key in plan.recompute)
+        assert ungrouped["mixer", "aten.bmm.default"] > seq_len, "the plan itself still holds every step"
+    short, long = summaries[16], summaries[40]
+    assert short["recomputed_ops"] == long["recomputed_ops"], (short["recomputed_ops"], long["recomputed_ops"])
+    assert any(name.endswith(PER_STEP) for name in short["recomputed_ops"])
+    assert set(short["recomputed_loop_steps"].values()) == {15}
+    assert set(long["recomputed_loop_steps"].values()) == {39}
+
+
+def test_plan_summary_of_a_transformer_has_no_loops():
+    model = tiny_model("gpt_neox")
+    layers_path, layers = find_decoder_layers(model)
+    trace = trace_layers(model, layers_path, layers, tiny_batch(2, 16))
+    summary = plan_recompute(trace.records, trace.layer_input_bytes, hidden_size=trace.hidden_size).summary()
+    assert summary["recomputed_loop_steps"] == {}
+    assert not any(name.endswith(PER_STEP) for name in summary["recomputed_ops"])
+    assert summary["recomputed_ops"]["mlp.dense_h_to_4h:aten.addmm.default"] == len(layers)
 
 
 def test_default_plan_recomputes_ops_narrower_than_the_layer_width():

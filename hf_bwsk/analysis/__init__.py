@@ -1,10 +1,27 @@
-"""Op-level S/K/Gray analysis of causal LMs and its CALM report (docs/ANALYSIS.md)."""
+"""Op-level S/K/Gray analysis of causal LMs and its CALM report (docs/ANALYSIS.md).
 
-from .analyzer import analyze
-from .calm import CalmReport, calm_report
-from .layers import find_decoder_layers
-from .module_view import ModuleView
-from .records import OpRecord
-from .report import SKReport
+The names are re-exported lazily (PEP 562): the standard-library modules of this package (the
+output cache, `hf_bwsk.analysis.cache`) load without torch and transformers.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "analyze": "analyzer",
+    "CalmReport": "calm",
+    "calm_report": "calm",
+    "find_decoder_layers": "layers",
+    "ModuleView": "module_view",
+    "OpRecord": "records",
+    "SKReport": "report",
+}
 
 __all__ = ["CalmReport", "ModuleView", "OpRecord", "SKReport", "analyze", "calm_report", "find_decoder_layers"]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

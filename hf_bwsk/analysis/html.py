@@ -180,9 +180,13 @@ def _sharding(calm: CalmReport) -> str:
 def _recompute(summary: dict) -> str:
     rows = [[key, value] for key, value in summary.items() if not isinstance(value, dict)]
     recomputed = summary.get("recomputed_ops") or {}
+    steps = summary.get("recomputed_loop_steps") or {}
+    note = ("<p class=note>An op of a loop over the sequence (\"per step\") counts once per loop; "
+            "its loop's number of steps beside it.</p>" if steps else "")
     return (
-        "<h2>Recompute plan</h2>" + _table(["field", "value"], rows)
-        + _table(["recomputed op (path:op)", "count"], [[name, count] for name, count in recomputed.items()], (1,))
+        "<h2>Recompute plan</h2>" + _table(["field", "value"], rows) + note
+        + _table(["recomputed op (path:op)", "count", "loop steps"],
+                 [[name, count, steps.get(name, "")] for name, count in recomputed.items()], (1, 2))
     )
 
 

@@ -55,7 +55,12 @@ from typing import NamedTuple
 from ..analysis import op_names
 from ..analysis.records import OpRecord
 from ..analysis.rules import RULES
+from ..analysis.steps import group_sequence_loops
 from ..errors import BWSKError
+
+# How `RecomputePlan.summary` names the body op of a loop over the sequence: counted once per loop,
+# whatever the number of steps (given beside it, under "recomputed_loop_steps").
+PER_STEP = " per step"
 
 # Op families that cost FLOPs per element on the order of the layer width: never cheap.
 _COSTLY_FAMILIES = frozenset(
@@ -83,6 +88,10 @@ class RecomputePlan:
     recompute_flops: int
     layer_flops: int
     budget_bytes: int | None = None
+    # Loops over the sequence (`hf_bwsk.analysis.steps`), for the summary: the key of each loop op's
+    # first step with the loop's number of steps, and the keys of the later steps.
+    loop_steps: tuple[tuple[OpKey, int], ...] = ()
+    later_steps: frozenset[OpKey] = frozenset()
 
     def decision(self, key: OpKey) -> bool | None:
         """Keep (True) or recompute (False) as planned, or None for a key the plan does not hold."""
@@ -104,8 +113,24 @@ class RecomputePlan:
         return expensive and self.keep_unseen_expensive
 
     def summary(self) -> dict:
-        """JSON-ready description: estimated bytes kept, recompute FLOPs share, recomputed ops."""
-        recomputed = Counter(f"{key.path or '<layer>'}:{key.op}" for key in self.recompute)
+        """JSON-ready description: estimated bytes kept, recompute FLOPs share, recomputed ops.
+
+        ``recomputed_ops`` counts logical ops, ``"path:op"`` -> how many (over all layers): an op
+        in the body of a loop over the sequence (a reference scan's per-token step) counts once per
+        loop, named ``"path:op per step"``, with its loop's number of steps in
+        ``recomputed_loop_steps``; so the list does not grow with the sequence length.
+        """
+        loops = dict(self.loop_steps)
+        recomputed: Counter = Counter()
+        steps: dict[str, set[int]] = defaultdict(set)
+        for key in self.recompute:
+            if key in self.later_steps:
+                continue
+            name = f"{key.path or '<layer>'}:{key.op}"
+            if key in loops:
+                name += PER_STEP
+                steps[name].add(loops[key])
+            recomputed[name] += 1
         return {
             "policy": "budget" if self.budget_bytes is not None else "analysis",
             "budget_bytes": self.budget_bytes,
@@ -114,6 +139,8 @@ class RecomputePlan:
             "keep_all_matmuls_bytes": self.keep_all_bytes,
             "recompute_flops_fraction": self.recompute_flops / self.layer_flops if self.layer_flops else 0.0,
             "recomputed_ops": dict(sorted(recomputed.items())),
+            "recomputed_loop_steps": {name: min(found) if len(found) == 1 else sorted(found)
+                                      for name, found in sorted(steps.items())},
         }
 
 
@@ -196,9 +223,13 @@ def plan_recompute(
     records may trace one sequence of a `batch_size` batch (`layer_input_bytes` too): bytes are
     scaled to the batch. A `budget_bytes` below the layer inputs (the least any checkpointing
     keeps) is a `BWSKError`. `hidden_size` (the width of the layers' input) sets the narrow-op
-    threshold of the default plan.
+    threshold of the default plan. Loops over the sequence are marked in ``records`` (as the analysis
+    marks them) for the plan's summary; the decisions do not depend on them.
     """
     keys = layer_ops(records)
+    length = _traced_length(records)
+    if length is not None:
+        group_sequence_loops(records, length)
     by_index = {record.index: record for record in records if record.index in keys}
     consumers: dict[int, list[int]] = defaultdict(list)
     for record in by_index.values():
@@ -242,4 +273,15 @@ def plan_recompute(
         recompute_flops=sum(by_index[i].flops for i in recompute),
         layer_flops=layer_flops,
         budget_bytes=budget_bytes,
+        loop_steps=tuple((keys[r.index], r.repeats) for r in by_index.values() if r.repeats > 1 and r.step == 0),
+        later_steps=frozenset(keys[r.index] for r in by_index.values() if r.step > 0),
     )
+
+
+def _traced_length(records: list[OpRecord]) -> int | None:
+    """The sequence length of the traced forward: the second dimension of the first data-path op's
+    output (the embedding lookup of the (batch, sequence) token ids, in every HF causal LM)."""
+    first = next((record for record in records if record.data_path and record.output_shapes), None)
+    if first is None or len(first.output_shapes[0]) < 2:
+        return None
+    return first.output_shapes[0][1]
