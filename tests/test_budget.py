@@ -50,11 +50,10 @@ def test_predicted_peak_is_within_ten_percent_of_the_measured_one(arch, executio
     default_peak = status["predicted_peak_bytes"]
     measured = _measured_peak(model, optimizer)
     assert measured.state_bytes == pytest.approx(status["training_state_bytes"], rel=1e-3), measured
-    # Scoped execution peaks one hidden-wide activation (64 KiB here) below per-op in backward, same kept
-    # bytes and FLOPs (test_scoped): 10.3% under the prediction on gpt_neox, which never under-predicts.
+    # Scoped execution peaks one hidden-wide activation below per-op in backward (same kept bytes and
+    # FLOPs, test_scoped); the prediction covers both and never comes in under the measured peak.
     assert measured.peak_bytes <= default_peak, (default_peak, measured)
-    assert default_peak == pytest.approx(measured.peak_bytes, rel=0.10 if execution == "per_op" else 0.12), (
-        default_peak, measured)
+    assert default_peak == pytest.approx(measured.peak_bytes, rel=0.10), (default_peak, measured)
 
     # A budget between the least peak and the default plan's: a plan that keeps less, predicted and measured to fit.
     budget = (status["minimum_peak_bytes"] + default_peak) // 2

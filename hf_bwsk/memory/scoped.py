@@ -47,7 +47,11 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_map
-from torch.utils.checkpoint import SAC_IGNORED_OPS, _detach_helper, _VersionWrapper
+
+try:  # selective checkpointing's internals, which the module scopes reuse (torch 2.13 has them)
+    from torch.utils.checkpoint import SAC_IGNORED_OPS, _detach_helper, _VersionWrapper
+except ImportError:  # another torch: `scopes_of` says no, and the plan runs per-op
+    SAC_IGNORED_OPS = _detach_helper = _VersionWrapper = None
 
 from ..analysis import op_names
 from ..analysis.trace import flop_formula
@@ -86,8 +90,11 @@ def scopes_of(plan: RecomputePlan, layers: torch.nn.ModuleList) -> Scopes | None
     which calls a registered transformers attention function, is scoped to that call only: its other
     ops are views and rotary arithmetic, recomputed anyway, and its attention kernels run nowhere
     else, so their occurrences are the planner's. A plan cannot be scoped when it keeps an op run by
-    a layer module itself (path ''), or one whose path names no submodule of its layer.
+    a layer module itself (path ''), or one whose path names no submodule of its layer, and on a
+    torch without the selective-checkpoint internals the scopes reuse.
     """
+    if _VersionWrapper is None:
+        return None
     paths: dict[int, set[str]] = {}
     for key in plan.keep:
         if key.path == "" or not 0 <= key.layer < len(layers):
