@@ -9,8 +9,9 @@ of three moments of a reversible step,
   own buffers (head gradient, hidden-state gradient, one chunk of logits);
 * the backward of the last layer: the same kept activations, the head gradient, and one layer's
   recomputed activations on top;
-* the optimizer step: weights + gradients + optimizer state + the step's temporaries (the floor of
-  any plan);
+* the optimizer step: weights + gradients + optimizer state + the step's temporaries, or, when the
+  input embeddings are tied to the head, the embedding lookup's backward, which adds two
+  [vocab x hidden] tensors to a full set of gradients (the floor of any plan);
 
 and the plan keeps the matmul outputs that save the most recompute FLOPs per byte while it fits.
 """
@@ -57,14 +58,18 @@ class TrainingStateBytes:
     optimizer: int
     # The optimizer step's own temporaries (`optimizer_step_transient_bytes`).
     step_transient: int = 0
+    # Input embeddings tied to the output head: the lookup's backward builds a dense [vocab x hidden]
+    # gradient and sums it into the head's, two such tensors beside a full set of gradients.
+    tied_embedding_transient: int = 0
 
     @property
     def total(self) -> int:
         return self.weights + self.grads + self.optimizer
 
     @property
-    def optimizer_step_peak(self) -> int:
-        return self.total + self.step_transient
+    def state_peak(self) -> int:
+        """The most the training state reaches with no activation alive: optimizer step or tied-embedding backward."""
+        return self.total + max(self.step_transient, self.tied_embedding_transient)
 
 
 # Optimizer state per trainable parameter byte, for optimizers whose state is created on their first step.
@@ -93,18 +98,31 @@ def training_state_bytes(
     options = optimizer.defaults if optimizer is not None else optimizer_options
     device_type = device_type or next(model.parameters()).device.type
     transient = optimizer_step_transient_bytes(sizes, options, device_type)
+    tied = 2 * _tied_embedding_bytes(model)
     if optimizer is None:
-        return TrainingStateBytes(weights, trainable, 2 * trainable, transient)
+        return TrainingStateBytes(weights, trainable, 2 * trainable, transient, tied)
     measured = sum(
         t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
         if torch.is_tensor(t) and t.dim() > 0
     )
     if measured:
-        return TrainingStateBytes(weights, trainable, measured, transient)
+        return TrainingStateBytes(weights, trainable, measured, transient, tied)
     factor = _STATE_PER_PARAM_BYTE.get(type(optimizer), 2)
     if isinstance(optimizer, torch.optim.SGD) and not optimizer.defaults.get("momentum"):
         factor = 0
-    return TrainingStateBytes(weights, trainable, factor * trainable, transient if factor else 0)
+    return TrainingStateBytes(weights, trainable, factor * trainable, transient if factor else 0, tied)
+
+
+def _tied_embedding_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the input-embedding weight when it is the (trainable) output head's too, else 0."""
+    get_input, get_output = (getattr(model, name, None) for name in ("get_input_embeddings", "get_output_embeddings"))
+    if not (callable(get_input) and callable(get_output)):
+        return 0
+    inputs, head = get_input(), get_output()
+    weight = getattr(inputs, "weight", None)
+    if weight is None or head is None or getattr(head, "weight", None) is not weight or not weight.requires_grad:
+        return 0
+    return weight.numel() * weight.element_size()
 
 
 def optimizer_step_transient_bytes(sizes: list[int], options: dict[str, Any] | None, device_type: str) -> int:
@@ -171,7 +189,7 @@ def step_shape(trace, state: TrainingStateBytes, head_weight: torch.Tensor, chun
 
 def predict_step_peak(kept_bytes: int, shape: StepShape) -> int:
     """The predicted whole-step peak of a plan keeping ``kept_bytes`` in the decoder layers (module docstring)."""
-    return max(kept_bytes + _beside_kept_bytes(shape), shape.state.optimizer_step_peak)
+    return max(kept_bytes + _beside_kept_bytes(shape), shape.state.state_peak)
 
 
 def _beside_kept_bytes(shape: StepShape) -> int:
