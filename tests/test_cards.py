@@ -176,3 +176,12 @@ def test_missing_matplotlib_is_a_one_line_error(run_copy, monkeypatch):
     with pytest.raises(BWSKError, match=r"pip install 'hf-bwsk\[plot\]'"):
         write_card(run_copy)
     assert not (run_copy / "README.md").exists()
+
+
+def test_reversible_note_names_a_recomputed_loop_with_its_steps():
+    from hf_bwsk.training.model_card import reversible_note
+
+    plan = {"recomputed_ops": {"mixer:aten.bmm.default per step": 2, "mixer.in_proj:aten.mm.default": 2},
+            "recomputed_loop_steps": {"mixer:aten.bmm.default per step": 31}, "recompute_flops_fraction": 0.1}
+    note = reversible_note({"reversible": {"status": "active", "plan": plan}})
+    assert "`mixer:aten.bmm.default per step` x2 (loop of 31 steps), `mixer.in_proj:aten.mm.default` x2" in note, note

@@ -112,7 +112,9 @@ def reversible_note(record: dict) -> str | None:
         parts.append(f"loss: {reversible['loss']}")
     plan = reversible.get("plan") or {}
     if plan.get("recomputed_ops") is not None:
-        ops = ", ".join(f"`{op}` x{count}" for op, count in sorted(plan["recomputed_ops"].items()))
+        steps = plan.get("recomputed_loop_steps") or {}
+        ops = ", ".join(f"`{op}` x{count}" + (f" (loop of {steps[op]} steps)" if op in steps else "")
+                        for op, count in sorted(plan["recomputed_ops"].items()))
         parts.append(f"recomputed in backward: {ops or 'nothing'}")
     if plan.get("recompute_flops_fraction") is not None:
         parts.append(f"recompute FLOPs fraction: {plan['recompute_flops_fraction']:.3f}")
