@@ -184,4 +184,4 @@ def test_reversible_note_names_a_recomputed_loop_with_its_steps():
     plan = {"recomputed_ops": {"mixer:aten.bmm.default per step": 2, "mixer.in_proj:aten.mm.default": 2},
             "recomputed_loop_steps": {"mixer:aten.bmm.default per step": 31}, "recompute_flops_fraction": 0.1}
     note = reversible_note({"reversible": {"status": "active", "plan": plan}})
-    assert "`mixer:aten.bmm.default per step` x2 (loop of 31 steps), `mixer.in_proj:aten.mm.default` x2" in note, note
+    assert "`mixer.in_proj:aten.mm.default` x2, `mixer:aten.bmm.default per step` x2 (loop of 31 steps)" in note, note
