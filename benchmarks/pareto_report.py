@@ -28,11 +28,12 @@ def with_ratios(result: dict) -> dict:
     return result
 
 
-def table(result: dict) -> list[str]:
+def table(result: dict, first: dict) -> list[str]:
     shape = f"{result['batch_size']} x {result['seq_len']}"
-    lines = [
-        f"#### {result['shape']} {shape}",
-        "",
+    lines = [f"#### {result['shape']} {shape}", ""]
+    if result["commit"] != first["commit"]:  # shapes measured in separate runs say which code they measured
+        lines += [f"Measured {result['date']} at commit {result['commit']}.", ""]
+    lines += [
         "| mode | peak MB | peak x | state MB at peak | activations MB at peak | peak in | kept MB | kept x "
         "| FLOPs x | CPU step s (noisy) | loss diff | bwsk plan keeps <= at FLOPs <= |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -69,7 +70,7 @@ def append_tables(results: list[dict], benchmarks: Path, section: str) -> None:
         "",
     ]
     for result in results:
-        lines += table(result) + [""]
+        lines += table(result, first) + [""]
     intro = (
         "peak: whole-step peak, the most bytes alive at once over forward, backward and the "
         "AdamW step (weights, grads, optimizer state, activations, transients; `hf_bwsk.memory.step_peak`, "
