@@ -21,6 +21,37 @@ from ..analysis.trace import flop_formula
 from .plan import OpKey, RecomputePlan, known_cheap
 
 
+class OpCosts(dict):
+    """Per aten overload: its name in plan keys and whether it is expensive, worked out on first sight.
+
+    Both executions ask this for every op they see; ``str(func)`` alone costs ~3 us a call.
+    """
+
+    def __missing__(self, func) -> tuple[str, bool]:
+        name = str(func)
+        self[func] = found = (name, flop_formula(func) is not None or not known_cheap(name))
+        return found
+
+
+def push_path(stack: list[str], path: str):
+    """A forward pre-hook pushing ``path`` on ``stack`` (the module path of the innermost running module)."""
+
+    def hook(module, args):
+        stack.append(path)
+
+    return hook
+
+
+def pop_path(stack: list[str]):
+    """The forward hook (``always_call=True``) undoing `push_path`."""
+
+    def hook(module, args, output):
+        if stack:
+            stack.pop()
+
+    return hook
+
+
 class LayerPathTracker:
     """Knows, while a forward runs, which decoder layer and which of its submodules is executing.
 
@@ -37,10 +68,11 @@ class LayerPathTracker:
         for index, layer in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(index)))
             self._handles.append(layer.register_forward_hook(self._layer_post_hook, always_call=True))
+            pop = pop_path(self._stack)
             for name, module in layer.named_modules():
                 if name:
-                    self._handles.append(module.register_forward_pre_hook(self._push(name)))
-                    self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+                    self._handles.append(module.register_forward_pre_hook(push_path(self._stack, name)))
+                    self._handles.append(module.register_forward_hook(pop, always_call=True))
 
     @property
     def path(self) -> str:
@@ -56,16 +88,6 @@ class LayerPathTracker:
 
     def _layer_post_hook(self, module, args, output):
         self.layer = None
-
-    def _push(self, name):
-        def hook(module, args):
-            self._stack.append(name)
-
-        return hook
-
-    def _pop(self, module, args, output):
-        if self._stack:
-            self._stack.pop()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -97,8 +119,7 @@ class SelectivePolicy:
         self.tracker = tracker
         self.fidelity: dict = {"plan_hits": 0, "plan_misses": 0, "cheap_by_rule": 0, "first_misses": []}
         self.decisions: dict[OpKey, bool] | None = None
-        # Per aten overload: its key name and whether it is expensive; str(func) alone costs ~3 us a call.
-        self._ops: dict = {}
+        self._ops = OpCosts()
         self._warned: set[str] = set()
 
     @property
@@ -110,13 +131,6 @@ class SelectivePolicy:
         self._plan = plan
         # One dict lookup per op, by plain tuple (an OpKey hashes and compares as its tuple).
         self._planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True)}
-
-    def _op(self, func) -> tuple[str, bool]:
-        found = self._ops.get(func)
-        if found is None:
-            name = str(func)
-            found = self._ops[func] = (name, flop_formula(func) is not None or not known_cheap(name))
-        return found
 
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
@@ -131,7 +145,7 @@ class SelectivePolicy:
         counts: dict[bool, dict] = {False: {}, True: {}}
 
         def policy(ctx, func, *args, **kwargs):
-            name, expensive = self._op(func)
+            name, expensive = self._ops[func]
             layer, path = self.tracker.layer, self.tracker.path
             if layer is None:
                 self._warn_once("layer", "bwsk reversible mode: a checkpointed op ran with no layer index (the "

@@ -54,8 +54,8 @@ except ImportError:  # another torch: `scopes_of` says no, and the plan runs per
     SAC_IGNORED_OPS = _detach_helper = _VersionWrapper = None
 
 from ..analysis import op_names
-from ..analysis.trace import flop_formula
-from .plan import OpKey, RecomputePlan, known_cheap
+from .plan import OpKey, RecomputePlan
+from .policy import OpCosts, pop_path, push_path
 
 _ATTENTION_OPS = frozenset(op_names.ATTENTIONS.split())
 
@@ -310,7 +310,7 @@ class ScopedExecution:
         self.fidelity: dict = {"plan_hits": 0, "plan_misses": 0, "cheap_by_rule": 0, "first_misses": []}
         self.decisions: dict[OpKey, bool] | None = None
         self.plan = plan
-        self._ops: dict = {}
+        self._ops = OpCosts()
         self._warned: set[str] = set()
         self._calls: list[_LayerCall] = []
         self._stack: list[str] = []
@@ -337,8 +337,8 @@ class ScopedExecution:
                 self._handles.append(module.register_forward_hook(self._leave_scope, always_call=True))
                 for name, inner in module.named_modules():
                     if name:
-                        self._handles.append(inner.register_forward_pre_hook(self._push(f"{scope}.{name}")))
-                        self._handles.append(inner.register_forward_hook(self._pop, always_call=True))
+                        self._handles.append(inner.register_forward_pre_hook(push_path(self._stack, f"{scope}.{name}")))
+                        self._handles.append(inner.register_forward_hook(pop_path(self._stack), always_call=True))
 
     @property
     def plan(self) -> RecomputePlan:
@@ -459,28 +459,11 @@ class ScopedExecution:
             self._close(call)
             self._stack.pop()
 
-    def _push(self, path):
-        def hook(module, args):
-            self._stack.append(path)
-
-        return hook
-
-    def _pop(self, module, args, output):
-        if self._stack:
-            self._stack.pop()
-
     # --- decisions -----------------------------------------------------------------------------
-
-    def _op(self, func) -> tuple[str, bool]:
-        found = self._ops.get(func)
-        if found is None:
-            name = str(func)
-            found = self._ops[func] = (name, flop_formula(func) is not None or not known_cheap(name))
-        return found
 
     def _keep(self, call: _LayerCall, func) -> bool:
         """The forward decision for one op in a scope; counts its occurrence and the plan fidelity."""
-        name, expensive = self._op(func)
+        name, expensive = self._ops[func]
         counts = call.counts
         counts[func] = counts.get(func, 0) + 1
         path = self._stack[-1]
