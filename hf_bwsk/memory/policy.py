@@ -95,7 +95,55 @@ class LayerPathTracker:
         self._handles.clear()
 
 
-class SelectivePolicy:
+class PlanDecisions:
+    """What both executions of a plan share (`SelectivePolicy` per op, `scoped.ScopedExecution`).
+
+    ``plan`` (settable), looked up as one dict lookup per op by plain tuple (an OpKey hashes and
+    compares as its tuple); the per-overload op costs; the live ``fidelity`` counts shown in the
+    mode's status (``plan_hits``, ``plan_misses``, ``cheap_by_rule``, the ``first_misses``); the
+    optional ``decisions`` dict of forward decisions by key (for tests; off by default as it grows
+    with every step); and one warning per kind of trouble.
+    """
+
+    def __init__(self, plan: RecomputePlan):
+        self.fidelity: dict = {"plan_hits": 0, "plan_misses": 0, "cheap_by_rule": 0, "first_misses": []}
+        self.decisions: dict[OpKey, bool] | None = None
+        self._ops = OpCosts()
+        self._warned: set[str] = set()
+        self.plan = plan
+
+    @property
+    def plan(self) -> RecomputePlan:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: RecomputePlan) -> None:
+        self._plan = plan
+        self._planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True)}
+
+    def _count_unplanned(self, key: OpKey, expensive: bool, keep: bool) -> None:
+        """An op whose key the plan lacks: cheap by rule, or a miss decided by `RecomputePlan.keeps`' rule."""
+        if not expensive:
+            self.fidelity["cheap_by_rule"] += 1
+            return
+        self._count_miss(f"{key.layer}:{key.path or '<layer>'}:{key.op}#{key.occurrence}", "miss",
+                         f"bwsk reversible mode: {key.op} (layer {key.layer}, '{key.path}', occurrence "
+                         f"{key.occurrence}) is not in the recompute plan (the first batch's trace never ran it); "
+                         f"{'kept' if keep else 'recomputed'} by rule; counts in the status' plan_fidelity")
+
+    def _count_miss(self, entry: str, topic: str, message: str) -> None:
+        self.fidelity["plan_misses"] += 1
+        if len(self.fidelity["first_misses"]) < 10:
+            self.fidelity["first_misses"].append(entry)
+        self._warn_once(topic, message)
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+
+class SelectivePolicy(PlanDecisions):
     """`context_fn` for `torch.utils.checkpoint`: one selective-checkpoint context per layer call.
 
     The layer index and the module path of each op come from the tracker's hooks, read per op:
@@ -115,27 +163,8 @@ class SelectivePolicy:
     execution = "per_op"
 
     def __init__(self, plan: RecomputePlan, tracker: LayerPathTracker):
-        self.plan = plan
+        super().__init__(plan)
         self.tracker = tracker
-        self.fidelity: dict = {"plan_hits": 0, "plan_misses": 0, "cheap_by_rule": 0, "first_misses": []}
-        self.decisions: dict[OpKey, bool] | None = None
-        self._ops = OpCosts()
-        self._warned: set[str] = set()
-
-    @property
-    def plan(self) -> RecomputePlan:
-        return self._plan
-
-    @plan.setter
-    def plan(self, plan: RecomputePlan) -> None:
-        self._plan = plan
-        # One dict lookup per op, by plain tuple (an OpKey hashes and compares as its tuple).
-        self._planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True)}
-
-    def _warn_once(self, topic: str, message: str) -> None:
-        if topic not in self._warned:
-            self._warned.add(topic)
-            warnings.warn(message, UserWarning, stacklevel=2)
 
     def __call__(self):
         return create_selective_checkpoint_contexts(self.layer_policy())
@@ -166,14 +195,3 @@ class SelectivePolicy:
             return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
         return policy
-
-    def _count_unplanned(self, key: OpKey, expensive: bool, keep: bool) -> None:
-        if not expensive:
-            self.fidelity["cheap_by_rule"] += 1
-            return
-        self.fidelity["plan_misses"] += 1
-        if len(self.fidelity["first_misses"]) < 10:
-            self.fidelity["first_misses"].append(f"{key.layer}:{key.path or '<layer>'}:{key.op}#{key.occurrence}")
-        self._warn_once("miss", f"bwsk reversible mode: {key.op} (layer {key.layer}, '{key.path}', occurrence "
-                        f"{key.occurrence}) is not in the recompute plan (the first batch's trace never ran it); "
-                        f"{'kept' if keep else 'recomputed'} by rule; counts in the status' plan_fidelity")

@@ -39,7 +39,6 @@ by the layer module itself; `ReversibleMode` then runs it per-op, and always und
 from __future__ import annotations
 
 import functools
-import warnings
 import weakref
 from collections import Counter
 from typing import Any, NamedTuple
@@ -55,7 +54,7 @@ except ImportError:  # another torch: `scopes_of` says no, and the plan runs per
 
 from ..analysis import op_names
 from .plan import OpKey, RecomputePlan
-from .policy import OpCosts, pop_path, push_path
+from .policy import PlanDecisions, pop_path, push_path
 
 _ATTENTION_OPS = frozenset(op_names.ATTENTIONS.split())
 
@@ -295,7 +294,7 @@ class _Context:
         return False
 
 
-class ScopedExecution:
+class ScopedExecution(PlanDecisions):
     """`context_fn` for `torch.utils.checkpoint` that applies ``plan`` inside its scopes only (module docstring).
 
     Same surface as `SelectivePolicy`: ``plan`` (settable to a plan with the same scopes), the live
@@ -307,11 +306,7 @@ class ScopedExecution:
 
     def __init__(self, plan: RecomputePlan, layers: torch.nn.ModuleList, scopes: Scopes):
         self.scopes = scopes
-        self.fidelity: dict = {"plan_hits": 0, "plan_misses": 0, "cheap_by_rule": 0, "first_misses": []}
-        self.decisions: dict[OpKey, bool] | None = None
-        self.plan = plan
-        self._ops = OpCosts()
-        self._warned: set[str] = set()
+        super().__init__(plan)
         self._calls: list[_LayerCall] = []
         self._stack: list[str] = []
         self._layer: int | None = None
@@ -340,14 +335,9 @@ class ScopedExecution:
                         self._handles.append(inner.register_forward_pre_hook(push_path(self._stack, f"{scope}.{name}")))
                         self._handles.append(inner.register_forward_hook(pop_path(self._stack), always_call=True))
 
-    @property
-    def plan(self) -> RecomputePlan:
-        return self._plan
-
-    @plan.setter
+    @PlanDecisions.plan.setter
     def plan(self, plan: RecomputePlan) -> None:
-        self._plan = plan
-        self._planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True)}
+        PlanDecisions.plan.fset(self, plan)
         self._kept_per_layer = Counter(key.layer for key in plan.keep)
 
     def visible(self, key: OpKey) -> bool:
@@ -477,10 +467,7 @@ class ScopedExecution:
         if keep is None:
             key = OpKey(call.layer, path, name, occurrence)
             keep = self._plan.keeps(key, expensive)
-            if expensive:
-                self._miss(key, keep)
-            else:
-                self.fidelity["cheap_by_rule"] += 1
+            self._count_unplanned(key, expensive, keep)
         else:
             self.fidelity["plan_hits"] += 1
             call.kept_seen += keep
@@ -492,29 +479,11 @@ class ScopedExecution:
         """After a layer call's forward: a kept op of the plan that did not run there is a miss."""
         layer = call.layer if call.layer is not None else self._layer
         expected = self._kept_per_layer.get(layer, 0)
-        if call.kept_seen < expected:
-            for _ in range(expected - call.kept_seen):
-                self._miss(None, True, layer)
-
-    def _miss(self, key: OpKey | None, keep: bool, layer: int | None = None) -> None:
-        self.fidelity["plan_misses"] += 1
-        if key is None:
-            entry = f"{layer}:<kept op not run>"
-            message = (f"bwsk reversible mode: a kept op of layer {layer}'s recompute plan did not run in its forward "
-                       "(the layer took another path than the first batch's trace); counts in the status' plan_fidelity")
-        else:
-            entry = f"{key.layer}:{key.path or '<layer>'}:{key.op}#{key.occurrence}"
-            message = (f"bwsk reversible mode: {key.op} (layer {key.layer}, '{key.path}', occurrence {key.occurrence}) "
-                       f"is not in the recompute plan (the first batch's trace never ran it); "
-                       f"{'kept' if keep else 'recomputed'} by rule; counts in the status' plan_fidelity")
-        if len(self.fidelity["first_misses"]) < 10:
-            self.fidelity["first_misses"].append(entry)
-        self._warn_once("miss" if key is not None else "not run", message)
-
-    def _warn_once(self, topic: str, message: str) -> None:
-        if topic not in self._warned:
-            self._warned.add(topic)
-            warnings.warn(message, UserWarning, stacklevel=2)
+        for _ in range(expected - call.kept_seen):
+            self._count_miss(f"{layer}:<kept op not run>", "not run",
+                             f"bwsk reversible mode: a kept op of layer {layer}'s recompute plan did not run in its "
+                             "forward (the layer took another path than the first batch's trace); counts in the "
+                             "status' plan_fidelity")
 
     def remove(self) -> None:
         for handle in self._handles:
