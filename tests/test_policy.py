@@ -99,15 +99,21 @@ def test_batches_of_varying_length_keep_hitting_the_plan_with_exact_gradients(ex
     mode.teardown()
 
 
+def drop_layer_from_plan(mode, layer: int):
+    """Give the running policy the plan without ``layer``'s keys; returns the full plan."""
+    plan = mode.plan
+    mode.policy.plan = dataclasses.replace(plan, keep=frozenset(k for k in plan.keep if k.layer != layer),
+                                           recompute=frozenset(k for k in plan.recompute if k.layer != layer))
+    return plan
+
+
 def test_an_op_the_plan_never_saw_is_counted_and_warned_about_once():
     model = tiny_model("gpt_neox")
     model.train()
     batch = tiny_batch(2, 16)
     mode = reversible(model, batch, "per_op")
     # A plan that lost one layer's keys: that layer's expensive ops all miss.
-    plan = mode.plan
-    mode.policy.plan = dataclasses.replace(plan, keep=frozenset(k for k in plan.keep if k.layer != 1),
-                                           recompute=frozenset(k for k in plan.recompute if k.layer != 1))
+    plan = drop_layer_from_plan(mode, 1)
     lost = len(plan.keep | plan.recompute) - len(mode.policy.plan.keep | mode.policy.plan.recompute)
     with pytest.warns(UserWarning, match="not in the recompute plan") as caught:
         model(**batch).loss.backward()
@@ -123,10 +129,8 @@ def test_scoped_counts_unplanned_ops_in_scopes_and_kept_ops_that_did_not_run():
     model.train()
     batch = tiny_batch(2, 16)
     mode = reversible(model, batch, "scoped")
-    plan = mode.plan
     # Layer 1's keys lost: its ops in scopes are unplanned expensive ops, kept by rule and counted as misses.
-    mode.policy.plan = dataclasses.replace(plan, keep=frozenset(k for k in plan.keep if k.layer != 1),
-                                           recompute=frozenset(k for k in plan.recompute if k.layer != 1))
+    plan = drop_layer_from_plan(mode, 1)
     lost = sum(1 for key in plan.keep | plan.recompute if key.layer == 1 and mode.policy.visible(key))
     with pytest.warns(UserWarning, match="not in the recompute plan") as caught:
         model(**batch).loss.backward()
