@@ -17,16 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config_source import BUILTIN_NAMES, DIRECTORY, local_config_source
 from .errors import BWSKError
 
 EXIT_BAD_INPUT = 2
 # The analyze defaults; without --seq-len / --batch-size they are rounded up to sizes that identify the
 # axes, so the CALM report needs no second trace.
 DEFAULT_SEQ_LEN, DEFAULT_BATCH = 128, 2
-# The built-in model names, read from the shipped configs: importing hf_bwsk.models would load
-# transformers, and `hf-bwsk --help` or a usage error must answer at once.
-BUILTIN_CONFIGS = Path(__file__).parent / "models" / "configs"
-BUILTIN_NAMES = sorted(path.stem for path in BUILTIN_CONFIGS.glob("*.json"))
 
 
 @dataclass(frozen=True)
@@ -160,13 +157,12 @@ def _cache_material(args: argparse.Namespace) -> dict | None:
     unusable directory, whose error the traced path reports)."""
     from .analysis import cache
 
-    path = Path(args.model).expanduser()
-    if path.exists():  # the resolution order of `hf_bwsk.models.load_config`
-        config_file, source = path / "config.json", "directory"
-    elif args.model in BUILTIN_NAMES:
-        config_file, source = BUILTIN_CONFIGS / f"{args.model}.json", "builtin"
-    else:
+    local = local_config_source(args.model)
+    if local is None:
         return None
+    source, config_file = local
+    if source == DIRECTORY:
+        config_file = config_file / "config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):

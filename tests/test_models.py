@@ -53,7 +53,7 @@ def test_pythia_and_mamba_configs_match_the_design_facts():
 
 
 def test_every_shipped_config_file_is_a_builtin_name():
-    from hf_bwsk.models import CONFIG_DIR
+    from hf_bwsk.config_source import CONFIG_DIR
 
     assert sorted(path.stem for path in CONFIG_DIR.glob("*.json")) == sorted(BUILTIN_MODELS)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..config_source import DIRECTORY, local_config_source
 from ..errors import BWSKError
 
 BUILTIN_MODELS = {
@@ -22,7 +23,6 @@ BUILTIN_MODELS = {
 }
 """Built-in name -> the Hub id whose ``config.json`` is shipped in ``hf_bwsk/configs/<name>.json``."""
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 
 # A Hub id is exactly "owner/name"; anything else with a separator is a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -40,11 +40,10 @@ def load_config(name_or_dir_or_hub_id: str | os.PathLike) -> PretrainedConfig:
             an unreachable Hub, or a model type that is not a causal LM.
     """
     source = str(name_or_dir_or_hub_id)
-    path = Path(source).expanduser()
-    if path.exists():
-        config = _from_directory(path)
-    elif source in BUILTIN_MODELS:
-        config = _from_builtin(source)
+    local = local_config_source(source)
+    if local is not None:
+        kind, path = local
+        config = _from_directory(path) if kind == DIRECTORY else _from_builtin(source, path)
     elif _HUB_ID.match(source) and not source.startswith((".", "~")):
         config = _from_hub(source)
     elif "/" in source or os.sep in source or source.startswith((".", "~")):
@@ -74,8 +73,8 @@ def check_causal_lm(config: PretrainedConfig) -> None:
         )
 
 
-def _from_builtin(name: str) -> PretrainedConfig:
-    raw = json.loads((CONFIG_DIR / f"{name}.json").read_text())
+def _from_builtin(name: str, config_file: Path) -> PretrainedConfig:
+    raw = json.loads(config_file.read_text())
     config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     # Record where the hyperparameters come from, as from_pretrained would.
     config.name_or_path = BUILTIN_MODELS[name]
