@@ -84,7 +84,8 @@ def training_results(experiment, mode, *, seed, device, precision, index):
             "status": "active", "reason": None, "decoder_layers": "gpt_neox.layers", "num_layers": 2,
             "loss": "fused_linear_cross_entropy", "loss_chunk_size": 1024,
             "plan": {"policy": "analysis", "recompute_flops_fraction": 0.25,
-                     "recomputed_ops": {"mlp.dense_h_to_4h:aten.addmm.default": 2}},
+                     "recomputed_ops": {"mlp.dense_h_to_4h:aten.addmm.default": 2},
+                     "skipped_ops": {"mlp.dense_4h_to_h:aten.addmm.default": 2}},
         } if mode == "reversible" else None,
         "versions": versions(), "hyperparameters": _hyperparameters(experiment),
     }

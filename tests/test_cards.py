@@ -76,7 +76,8 @@ def test_card_body_shows_every_number_from_the_results(run_dir):
             "optimizer state, activations); Activations Kept: activations kept for backward after the forward.") in card
     assert "| Fine-tune | 40.0 MB | 9.5 MB | 76.2% |" in card  # 1 - 9.5 / 40
     assert ("BWSK Reversible mode status: active; loss: fused_linear_cross_entropy; recomputed in backward: "
-            "`mlp.dense_h_to_4h:aten.addmm.default` x2; recompute FLOPs fraction: 0.250; the fused loss's "
+            "`mlp.dense_h_to_4h:aten.addmm.default` x2; neither kept nor recomputed (output read by nothing "
+            "backward needs): `mlp.dense_4h_to_h:aten.addmm.default` x2; recompute FLOPs fraction: 0.250; the fused loss's "
             "weight-gradient buffer (16.0 KB, the `.grad` backward allocates anyway)") in card
     assert "| S | 110 | 55.0% | 50.0% | 62.0% | 67.8% |" in card
     assert 'from_pretrained(repo, subfolder="finetune-conventional")' in card and 'repo = "tester/bwsk-tiny"' in card

@@ -15,6 +15,7 @@ from hf_bwsk.cli import main
 
 PLAN = {"policy": "analysis", "kept_bytes_estimate": 1234, "recompute_flops_fraction": 0.05,
         "recomputed_ops": {"mlp.act:aten.gelu.default": 2, "mixer:aten.bmm.default per step": 2},
+        "skipped_ops": {"mixer.out_proj:aten.mm.default": 2},
         "recomputed_loop_steps": {"mixer:aten.bmm.default per step": 15}}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -35,6 +36,7 @@ def test_page_holds_every_section(mamba):
     assert "2 collective(s) per layer" in page and "(upper bound)" in page
     assert "mlp.act:aten.gelu.default" in page
     assert "<td>mixer:aten.bmm.default per step</td><td class=num>2</td><td class=num>15</td>" in page
+    assert "<td>mixer.out_proj:aten.mm.default</td><td class=num>2</td>" in page  # skipped: neither kept nor recomputed
     # One cell per logical op of each layer in the S/K map, plus one per logical op of layer 0 per CALM axis.
     cells = page.count("class=cell")
     layer_ops = sum(len(report.layer_records(layer)) for layer in range(report.num_layers))

@@ -13,7 +13,7 @@ from hf_bwsk.analysis import find_decoder_layers
 from hf_bwsk.analysis.records import OpRecord
 from hf_bwsk.memory import ReversibleMode
 from hf_bwsk.memory.plan import OpKey, known_cheap, plan_recompute
-from hf_bwsk.memory.policy import LayerPathTracker, SelectivePolicy
+from hf_bwsk.memory.policy import SKIP, LayerPathTracker, SelectivePolicy
 
 
 def reversible(model, batch, execution="auto"):
@@ -25,9 +25,10 @@ def reversible(model, batch, execution="auto"):
 
 def visible_plan(mode) -> dict:
     """The plan's decisions the run-time policy sees: all of them per-op, those inside scopes when scoped."""
-    planned = {key: key in mode.plan.keep for key in mode.plan.keep | mode.plan.recompute}
+    plan = mode.plan
+    planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True), **dict.fromkeys(plan.skip, SKIP)}
     if mode.status()["execution"] == "scoped":
-        assert all(mode.policy.visible(key) for key in mode.plan.keep), "every kept op runs in a scope"
+        assert all(mode.policy.visible(key) for key in plan.keep | plan.skip), "every kept or skipped op runs in a scope"
         planned = {key: keep for key, keep in planned.items() if mode.policy.visible(key)}
     return planned
 

@@ -83,11 +83,14 @@ def test_plan_recomputes_the_widening_matmul_feeding_gelu_and_keeps_the_rest():
     mode = reversible(model, tiny_batch(2, 64))
     recomputed = {(key.path, key.op) for key in mode.plan.recompute}
     kept = {(key.path, key.op) for key in mode.plan.keep}
+    skipped = {(key.path, key.op) for key in mode.plan.skip}
     mode.teardown()
     assert ("mlp.dense_h_to_4h", "aten.addmm.default") in recomputed  # h -> 4h, feeds GELU (K)
     assert ("attention", "aten.bmm.default") in recomputed  # T x T scores feed softmax (K)
-    for narrow in ("attention.query_key_value", "attention.dense", "mlp.dense_4h_to_h"):
-        assert (narrow, "aten.addmm.default") in kept
+    assert ("attention.query_key_value", "aten.addmm.default") in kept
+    # The two projections writing into the (parallel) residual stream: their outputs reach only the
+    # layer's output, through views and additions, so backward never reads them.
+    assert skipped == {("attention.dense", "aten.addmm.default"), ("mlp.dense_4h_to_h", "aten.addmm.default")}
 
 
 @pytest.mark.slow
@@ -103,7 +106,8 @@ def test_mamba_plan_recomputes_the_narrow_scan_ops_and_keeps_the_width_contracti
     for narrow in ("aten.convolution.default", "aten.mm.default", "aten.bmm.default"):
         assert ("mixer", narrow) in recomputed
     assert not any(path == "mixer" for path, _ in kept), kept
-    assert {("mixer.x_proj", "aten.mm.default"), ("mixer.out_proj", "aten.mm.default")} <= kept
+    assert ("mixer.x_proj", "aten.mm.default") in kept
+    assert {(key.path, key.op) for key in mode.plan.skip} == {("mixer.out_proj", "aten.mm.default")}  # into the residual
     # The scan's per-token state contraction: its first step (from the zero state), then one op per loop.
     assert summary["recomputed_ops"]["mixer:aten.bmm.default per step"] == 2  # one loop per layer
     assert summary["recomputed_loop_steps"]["mixer:aten.bmm.default per step"] == 15
@@ -164,6 +168,43 @@ def _op(index, flops, output_bytes, widening=False):
     return OpRecord(index, "aten.mm.default", f"layers.0.m{index}", "Linear", 0, ((output_bytes // 4,),),
                     ((output_bytes // 4,),), output_bytes, flops, "S", "", True, frozenset(), f"m{index}",
                     activation_input_numel=output_bytes // (8 if widening else 4))
+
+
+def _flow(index, op, producers, layer=0, relabels=False, flops=0):
+    """A record of op ``op`` reading ``producers``' outputs, in ``layer``, at path ``m<index>``."""
+    return OpRecord(index, op, f"layers.{layer}.m{index}", "M", layer, ((4, 8),), ((4, 8),), 128, flops, "S", "",
+                    True, frozenset(), f"m{index}", producers=producers, activation_input_numel=32, relabels=relabels)
+
+
+@pytest.mark.parametrize("tail, skipped", [
+    # Through a view and two residual additions into the layer's output: backward never reads it.
+    ([("aten.view.default", True), ("aten.add.Tensor", False), ("aten.add.Tensor", False)], True),
+    # Into a norm (a sequential residual's next block): the norm's backward reads its input.
+    ([("aten.add.Tensor", False), ("aten.native_layer_norm.default", False)], False),
+    # Through dropout's mask multiplication, whose backward reads the mask, built in the recompute.
+    ([("aten.mul.Tensor", False), ("aten.add.Tensor", False)], False),
+    # The layer's output itself, or data flow never recorded: nothing proves it unread.
+    ([], False),
+])
+def test_a_matmul_is_skipped_only_when_its_output_flows_unread_into_the_layer_output(tail, skipped):
+    records = [_flow(0, "aten.mm.default", (), flops=512)]
+    for index, (op, relabels) in enumerate(tail, start=1):
+        records.append(_flow(index, op, (index - 1,), relabels=relabels))
+    plan = plan_recompute(records, [64])
+    key = OpKey(0, "m0", "aten.mm.default", 0)
+    assert (key in plan.skip) == skipped and (key in plan.keep) != skipped, plan
+    assert plan.skipped_bytes == (128 if skipped else 0) and plan.kept_bytes == 64 + (0 if skipped else 128)
+    assert plan.summary()["skipped_ops"] == ({"m0:aten.mm.default": 1} if skipped else {})
+    unskipped = plan_recompute(records, [64], skip_unread=False)
+    assert not unskipped.skip and key in unskipped.keep, "an execution that cannot skip keeps it"
+
+
+def test_the_next_layer_reading_a_layer_output_does_not_make_it_read():
+    # Layer 0's matmul flows through an addition into layer 1's norm: another checkpoint, whose own
+    # recompute starts from its kept input; within layer 0 the value still flows out unread.
+    records = [_flow(0, "aten.mm.default", (), flops=512), _flow(1, "aten.add.Tensor", (0,)),
+               _flow(2, "aten.native_layer_norm.default", (1,), layer=1)]
+    assert OpKey(0, "m0", "aten.mm.default", 0) in plan_recompute(records, [64, 64]).skip
 
 
 def test_budget_keeps_most_flops_per_byte_and_states_the_minimum():

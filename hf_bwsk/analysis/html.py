@@ -183,10 +183,13 @@ def _recompute(summary: dict) -> str:
     steps = summary.get("recomputed_loop_steps") or {}
     note = ("<p class=note>An op of a loop over the sequence (\"per step\") counts once per loop; "
             "its loop's number of steps beside it.</p>" if steps else "")
+    skipped = summary.get("skipped_ops") or {}
     return (
         "<h2>Recompute plan</h2>" + _table(["field", "value"], rows) + note
         + _table(["recomputed op (path:op)", "count", "loop steps"],
                  [[name, count, steps.get(name, "")] for name, count in recomputed.items()], (1, 2))
+        + (_table(["skipped op: neither kept nor recomputed (path:op)", "count"],
+                  [[name, count] for name, count in skipped.items()], (1,)) if skipped else "")
     )
 
 

@@ -300,20 +300,21 @@ class ReversibleMode:
         if self.memory_budget_bytes is not None:
             minimum_kept = sum(trace.layer_input_bytes) * trace.batch_size
             kept_budget = kept_bytes_budget(self.memory_budget_bytes, shape, minimum_kept)
-        self.plan = plan_recompute(
-            trace.records, trace.layer_input_bytes, kept_budget,
-            batch_size=trace.batch_size, hidden_size=trace.hidden_size,
-        )
+        plan = functools.partial(plan_recompute, trace.records, trace.layer_input_bytes, kept_budget,
+                                 batch_size=trace.batch_size, hidden_size=trace.hidden_size)
+        self.plan = plan()
+        scopes = None if compiling or self.execution == "per_op" else scopes_of(self.plan, self.layers)
+        if scopes is None and self.execution == "scoped":
+            raise BWSKError("execution='scoped' cannot run this plan (a kept op runs in a decoder layer's own "
+                            "forward, or the forward is compiled): use execution='auto' or 'per_op'")
+        if scopes is None:  # torch's per-op selective checkpointing keeps or recomputes: no skipped ops
+            self.plan = plan(skip_unread=False)
         self._peak_prediction = {
             "peak_budget_bytes": self.memory_budget_bytes,
             "predicted_peak_bytes": predict_step_peak(self.plan.kept_bytes, shape),
             "minimum_peak_bytes": predict_step_peak(self.plan.minimum_bytes, shape),
             "training_state_bytes": shape.state.total,
         }
-        scopes = None if compiling or self.execution == "per_op" else scopes_of(self.plan, self.layers)
-        if scopes is None and self.execution == "scoped":
-            raise BWSKError("execution='scoped' cannot run this plan (a kept op runs in a decoder layer's own "
-                            "forward, or the forward is compiled): use execution='auto' or 'per_op'")
         if scopes is None:
             self._tracker = LayerPathTracker(self.layers)
             self.policy = SelectivePolicy(self.plan, self._tracker)

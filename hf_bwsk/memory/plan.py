@@ -41,6 +41,15 @@ convolutions, attention):
   *unknown* and is kept, never recomputed as if it were cheap. Known cheap ops (`known_cheap`:
   every aten op the S/K rules know, matmul, convolution and attention families aside) are
   recomputed.
+* Skipped ops, in both plans: a matmul whose output backward never reads needs neither keeping nor
+  recomputing. A matmul's backward reads its inputs only; if its output flows, through views, casts
+  and additions (`PASS_THROUGH`: ops whose backward reads none of their inputs), only into the
+  layer's output, then no op that backward needs is computed from it, and the recompute may hand
+  back a tensor of its shape without running it (`scoped.ScopedExecution` does; torch's per-op
+  selective checkpointing can only keep or recompute, so plans for it are made without skips). The
+  last projection of a layer writing into the residual stream is one: GPT-NeoX's attention output
+  and MLP down-projection (parallel residual), Llama's and Mamba's down/out projection. A dropout in
+  between (GPT-2, OPT in training) saves its mask and keeps the op out.
 * Budget plan: start from full recomputation (only the layer inputs are kept, as HF activation
   checkpointing does) and keep the expensive outputs that save the most recompute FLOPs per byte
   until the byte budget is full (greedy knapsack).
@@ -62,6 +71,14 @@ from ..errors import BWSKError
 # whatever the number of steps (given beside it, under "recomputed_loop_steps").
 PER_STEP = " per step"
 
+# Ops whose backward reads none of their inputs' values: a value flowing only through them (and views,
+# casts) into the layer's output is read by nothing backward needs.
+PASS_THROUGH = frozenset(
+    "aten.add.Tensor aten.add_.Tensor aten.sub.Tensor aten.sub_.Tensor aten.mul.Scalar aten.div.Scalar".split()
+)
+# Ops whose backward reads their inputs only, never their output: the ones a recompute may skip.
+_SKIPPABLE_FAMILIES = frozenset(f"{op_names.MATMULS} {op_names.BIAS_MATMULS}".split())
+
 # Op families that cost FLOPs per element on the order of the layer width: never cheap.
 _COSTLY_FAMILIES = frozenset(
     f"{op_names.MATMULS} {op_names.BIAS_MATMULS} {op_names.CONVOLUTIONS} {op_names.ATTENTIONS}".split()
@@ -77,7 +94,11 @@ class OpKey(NamedTuple):
 
 @dataclass(frozen=True)
 class RecomputePlan:
-    """Keep/recompute decisions for the expensive ops of every decoder layer, with their cost."""
+    """Keep/recompute/skip decisions for the expensive ops of every decoder layer, with their cost.
+
+    ``skip``: ops neither kept nor recomputed (their output is read by nothing backward needs; module
+    docstring); ``skipped_bytes``: what keeping them would cost.
+    """
 
     keep: frozenset[OpKey]
     recompute: frozenset[OpKey]
@@ -92,10 +113,15 @@ class RecomputePlan:
     # first step with the loop's number of steps, and the keys of the later steps.
     loop_steps: tuple[tuple[OpKey, int], ...] = ()
     later_steps: frozenset[OpKey] = frozenset()
+    skip: frozenset[OpKey] = frozenset()
+    skipped_bytes: int = 0
 
     def decision(self, key: OpKey) -> bool | None:
-        """Keep (True) or recompute (False) as planned, or None for a key the plan does not hold."""
-        if key in self.keep:
+        """Keep (True) or recompute (False) as planned, or None for a key the plan does not hold.
+
+        A skipped op counts as kept here: where it is not skipped, keeping it is what frees the recompute.
+        """
+        if key in self.keep or key in self.skip:
             return True
         if key in self.recompute:
             return False
@@ -118,19 +144,11 @@ class RecomputePlan:
         ``recomputed_ops`` counts logical ops, ``"path:op"`` -> how many (over all layers): an op
         in the body of a loop over the sequence (a reference scan's per-token step) counts once per
         loop, named ``"path:op per step"``, with its loop's number of steps in
-        ``recomputed_loop_steps``; so the list does not grow with the sequence length.
+        ``recomputed_loop_steps``; so the list does not grow with the sequence length. ``skipped_ops``
+        names the ops neither kept nor recomputed alike, ``skipped_bytes`` what keeping them would cost.
         """
-        loops = dict(self.loop_steps)
-        recomputed: Counter = Counter()
-        steps: dict[str, set[int]] = defaultdict(set)
-        for key in self.recompute:
-            if key in self.later_steps:
-                continue
-            name = f"{key.path or '<layer>'}:{key.op}"
-            if key in loops:
-                name += PER_STEP
-                steps[name].add(loops[key])
-            recomputed[name] += 1
+        recomputed, recomputed_steps = self._grouped(self.recompute)
+        skipped = self._grouped(self.skip)[0]
         return {
             "policy": "budget" if self.budget_bytes is not None else "analysis",
             "budget_bytes": self.budget_bytes,
@@ -138,17 +156,33 @@ class RecomputePlan:
             "minimum_bytes": self.minimum_bytes,
             "keep_all_matmuls_bytes": self.keep_all_bytes,
             "recompute_flops_fraction": self.recompute_flops / self.layer_flops if self.layer_flops else 0.0,
-            "recomputed_ops": dict(sorted(recomputed.items())),
-            "recomputed_loop_steps": {name: min(found) if len(found) == 1 else sorted(found)
-                                      for name, found in sorted(steps.items())},
+            "recomputed_ops": recomputed,
+            "recomputed_loop_steps": recomputed_steps,
+            "skipped_ops": skipped,
+            "skipped_bytes": self.skipped_bytes,
         }
+
+    def _grouped(self, keys: frozenset[OpKey]) -> tuple[dict[str, int], dict[str, int | list[int]]]:
+        """``"path:op"`` -> count over the layers, a loop's body once (see `summary`); and the loops' steps."""
+        loops = dict(self.loop_steps)
+        counts: Counter = Counter()
+        steps: dict[str, set[int]] = defaultdict(set)
+        for key in keys:
+            if key in self.later_steps:
+                continue
+            name = f"{key.path or '<layer>'}:{key.op}"
+            if key in loops:
+                name += PER_STEP
+                steps[name].add(loops[key])
+            counts[name] += 1
+        return (dict(sorted(counts.items())),
+                {name: min(found) if len(found) == 1 else sorted(found) for name, found in sorted(steps.items())})
 
 
 def known_cheap(op: str) -> bool:
     """Whether an op (``"aten.add.Tensor"``) is one the analysis knows and costs ~0 FLOPs to recompute."""
-    namespace, _, rest = op.partition(".")
-    packet = rest.split(".", 1)[0]
-    return namespace == "aten" and packet in RULES and packet not in _COSTLY_FAMILIES
+    packet = _family(op)
+    return packet in RULES and packet not in _COSTLY_FAMILIES
 
 
 def _unknown(record: OpRecord) -> bool:
@@ -190,6 +224,36 @@ def feeds_k_op(records: dict[int, OpRecord], consumers: dict[int, list[int]], in
     return False
 
 
+def unread_outputs(records: dict[int, OpRecord], consumers: dict[int, list[int]]) -> set[int]:
+    """The matmuls among ``records`` whose output backward never reads (see the module docstring).
+
+    A value is unread when every op consuming it is a view, a cast or a `PASS_THROUGH` op whose own
+    output is unread, down to the layer's output (an op nothing in the layer consumes). A matmul
+    counts only with consumers of its own: without data flow (records saved before it was traced)
+    nothing is skipped.
+    """
+    # Within its layer call only: the next layer consuming this one's output is another checkpoint.
+    inside = {index: [c for c in consumers[index] if records[c].layer == record.layer]
+              for index, record in records.items()}
+    # Consumers run after their producers: deciding in reverse order sees every consumer decided.
+    unread: set[int] = set()
+    for index in sorted(records, reverse=True):
+        record = records[index]
+        if (record.relabels or record.op in PASS_THROUGH) and all(c in unread for c in inside[index]):
+            unread.add(index)
+    return {
+        index for index, record in records.items()
+        if _family(record.op) in _SKIPPABLE_FAMILIES and len(record.output_shapes) == 1
+        and inside[index] and all(c in unread for c in inside[index])
+    }
+
+
+def _family(op: str) -> str:
+    """The aten packet of an op name (``"aten.addmm.default"`` -> ``"addmm"``); '' for other namespaces."""
+    namespace, _, rest = op.partition(".")
+    return rest.split(".", 1)[0] if namespace == "aten" else ""
+
+
 def _widens(record: OpRecord) -> bool:
     return 0 < record.activation_input_numel < sum(_numel(shape) for shape in record.output_shapes)
 
@@ -216,6 +280,7 @@ def plan_recompute(
     *,
     batch_size: int = 1,
     hidden_size: int | None = None,
+    skip_unread: bool = True,
 ) -> RecomputePlan:
     """The plan for the records of one traced forward (see the module docstring).
 
@@ -223,8 +288,10 @@ def plan_recompute(
     records may trace one sequence of a `batch_size` batch (`layer_input_bytes` too): bytes are
     scaled to the batch. A `budget_bytes` below the layer inputs (the least any checkpointing
     keeps) is a `BWSKError`. `hidden_size` (the width of the layers' input) sets the narrow-op
-    threshold of the default plan. Loops over the sequence are marked in ``records`` (as the analysis
-    marks them) for the plan's summary; the decisions do not depend on them.
+    threshold of the default plan. ``skip_unread=False`` plans for an execution that cannot skip ops
+    (torch's per-op selective checkpointing): their outputs are then candidates like any other.
+    Loops over the sequence are marked in ``records`` (as the analysis marks them) for the plan's
+    summary; the decisions do not depend on them.
     """
     keys = layer_ops(records)
     length = _traced_length(records)
@@ -242,6 +309,8 @@ def plan_recompute(
     minimum = sum(layer_input_bytes) * batch_size
     keep_all = minimum + sum(size.values())
     layer_flops = sum(by_index[i].flops for i in expensive)
+    skip = unread_outputs(by_index, consumers) & set(expensive) if skip_unread else set()
+    expensive = [index for index in expensive if index not in skip]
     if budget_bytes is None:
         recompute = {
             i for i in expensive
@@ -275,6 +344,8 @@ def plan_recompute(
         budget_bytes=budget_bytes,
         loop_steps=tuple((keys[r.index], r.repeats) for r in by_index.values() if r.repeats > 1 and r.step == 0),
         later_steps=frozenset(keys[r.index] for r in by_index.values() if r.step > 0),
+        skip=frozenset(keys[i] for i in skip),
+        skipped_bytes=sum(size[i] for i in skip),
     )
 
 

@@ -20,6 +20,10 @@ from torch.utils.checkpoint import (
 from ..analysis.trace import flop_formula
 from .plan import OpKey, RecomputePlan, known_cheap
 
+# The planned decision of a skipped op (`RecomputePlan.skip`): neither kept nor recomputed. Truthy, so
+# that code asking only "keep?" keeps it, which is what an execution unable to skip must do.
+SKIP = "skip"
+
 
 class OpCosts(dict):
     """Per aten overload: its name in plan keys and whether it is expensive, worked out on first sight.
@@ -99,7 +103,7 @@ class PlanDecisions:
     """What both executions of a plan share (`SelectivePolicy` per op, `scoped.ScopedExecution`).
 
     ``plan`` (settable), looked up as one dict lookup per op by plain tuple (an OpKey hashes and
-    compares as its tuple); the per-overload op costs; the live ``fidelity`` counts shown in the
+    compares as its tuple) giving True (keep), False (recompute) or `SKIP`; the per-overload op costs; the live ``fidelity`` counts shown in the
     mode's status (``plan_hits``, ``plan_misses``, ``cheap_by_rule``, the ``first_misses``); the
     optional ``decisions`` dict of forward decisions by key (for tests; off by default as it grows
     with every step); and one warning per kind of trouble.
@@ -119,7 +123,8 @@ class PlanDecisions:
     @plan.setter
     def plan(self, plan: RecomputePlan) -> None:
         self._plan = plan
-        self._planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True)}
+        self._planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True),
+                         **dict.fromkeys(plan.skip, SKIP)}
 
     def _count_unplanned(self, key: OpKey, expensive: bool, keep: bool) -> None:
         """An op whose key the plan lacks: cheap by rule, or a miss decided by `RecomputePlan.keeps`' rule."""

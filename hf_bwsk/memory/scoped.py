@@ -6,7 +6,10 @@ recompute (~20 us an op on a CPU), and hooks every submodule to name the ops. A 
 expensive ops; all the others are recomputed, which is what plain checkpointing does with no machinery
 at all. So the layer is checkpointed plainly (as HF's activation checkpointing does) and keep/replay
 runs only in the plan's *scopes* (`scopes_of`), one per kept `OpKey`'s module (the innermost module
-running the op), a scope nested in another being covered by the outer one. Three kinds:
+running the op), a scope nested in another being covered by the outer one. A skipped op
+(`RecomputePlan.skip`: its output is read by nothing backward needs) is scoped like a kept one, but
+its forward caches only its output's layout, and the recompute hands back a zero tensor of that layout
+(`_Unwritten`) instead of running it: neither its bytes are kept nor its FLOPs spent. Three kinds:
 
 * **linear**: an `nn.Linear` whose one planned op, its matmul, is kept: its forward runs natively
   and its output is cached; in the recompute `_RecomputedLinear` hands the output back and saves for
@@ -54,7 +57,7 @@ except ImportError:  # another torch: `scopes_of` says no, and the plan runs per
 
 from ..analysis import op_names
 from .plan import OpKey, RecomputePlan
-from .policy import PlanDecisions, pop_path, push_path
+from .policy import SKIP, PlanDecisions, pop_path, push_path
 
 _ATTENTION_OPS = frozenset(op_names.ATTENTIONS.split())
 
@@ -95,7 +98,7 @@ def scopes_of(plan: RecomputePlan, layers: torch.nn.ModuleList) -> Scopes | None
     if _VersionWrapper is None:
         return None
     paths: dict[int, set[str]] = {}
-    for key in plan.keep:
+    for key in plan.keep | plan.skip:
         if key.path == "" or not 0 <= key.layer < len(layers):
             return None
         try:
@@ -104,14 +107,14 @@ def scopes_of(plan: RecomputePlan, layers: torch.nn.ModuleList) -> Scopes | None
             return None
         paths.setdefault(key.layer, set()).add(key.path)
     own_ops: dict[tuple[int, str], set[str]] = {}
-    for key in plan.keep | plan.recompute:
+    for key in plan.keep | plan.recompute | plan.skip:
         own_ops.setdefault((key.layer, key.path), set()).add(key.op)
     modules, attention, linears = {}, {}, {}
     for layer, found in sorted(paths.items()):
         calls = {path for path in found if all(map(_is_attention, own_ops[layer, path]))
                  and _attention_function(layers[layer].get_submodule(path)) is not None}
         plain = {path for path in found - calls if type(layers[layer].get_submodule(path)) is torch.nn.Linear
-                 and {(key.op, key.occurrence) for key in plan.keep | plan.recompute
+                 and {(key.op, key.occurrence) for key in plan.keep | plan.recompute | plan.skip
                       if key.layer == layer and key.path == path} <= _LINEAR_KEYS}
         outer = found - calls - plain
         covered = functools.partial(_covered, outer)
@@ -247,9 +250,11 @@ class _Record(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func not in SAC_IGNORED_OPS and self.execution._keep(self.call, func):
-            self.call.storage[func, self.call.counts.get(func, 1) - 1] = tree_map(
-                lambda x: _VersionWrapper(_detach_helper(x)), out)
+        if func not in SAC_IGNORED_OPS:
+            decision = self.execution._keep(self.call, func)
+            if decision:
+                keep = _Unwritten if decision is SKIP else lambda x: _VersionWrapper(_detach_helper(x))
+                self.call.storage[func, self.call.counts.get(func, 1) - 1] = tree_map(keep, out)
         return out
 
 
@@ -269,6 +274,23 @@ class _Replay(TorchDispatchMode):
             if entry is not None:
                 return tree_map(lambda x: x.get_val(False), entry)
         return func(*args, **(kwargs or {}))
+
+
+class _Unwritten:
+    """A skipped op's output in the recompute: a zero tensor of the forward output's layout, not computed.
+
+    Nothing backward needs reads it (`plan.unread_outputs`); zeros rather than uninitialised memory,
+    so that whatever inspects the recompute's discarded values (a forward hook) sees no garbage.
+    """
+
+    __slots__ = ("size", "stride", "dtype", "device")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.size, self.stride = tensor.size(), tensor.stride()
+        self.dtype, self.device = tensor.dtype, tensor.device
+
+    def get_val(self, allow_cache_entry_mutation: bool) -> torch.Tensor:
+        return torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=self.device).zero_()
 
 
 class _Context:
@@ -318,7 +340,7 @@ class ScopedExecution(PlanDecisions):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index)))
             for path in scopes.linears.get(index, ()):
                 module = layer.get_submodule(path)
-                (op,) = {key.op for key in plan.keep if key.layer == index and key.path == path}
+                (op,) = {key.op for key in plan.keep | plan.skip if key.layer == index and key.path == path}
                 self._linears[module] = module.__dict__.get("forward")
                 module.forward = self._linear_forward(module, path, op, module.forward)
             for path in scopes.attention.get(index, ()):
@@ -338,7 +360,7 @@ class ScopedExecution(PlanDecisions):
     @PlanDecisions.plan.setter
     def plan(self, plan: RecomputePlan) -> None:
         PlanDecisions.plan.fset(self, plan)
-        self._kept_per_layer = Counter(key.layer for key in plan.keep)
+        self._kept_per_layer = Counter(key.layer for key in plan.keep | plan.skip)
 
     def visible(self, key: OpKey) -> bool:
         """Whether ``key``'s op runs inside a scope, where this execution sees (and counts) it."""
@@ -425,11 +447,16 @@ class ScopedExecution(PlanDecisions):
             call.counts[module] = occurrence + 1
             if call.recompute:
                 entry = call.storage.pop((module, occurrence), None)
+                if entry is not None and entry[1] is None:  # skipped: nothing backward needs reads its value
+                    return _RecomputedLinear.apply(x, weight, entry[0].get_val(False), layout)
                 if entry is not None and entry[0]._version == entry[1]:
                     return _RecomputedLinear.apply(x, weight, entry[0], layout)
                 return original(x)  # not kept, or its output was modified in place since
             out = original(x)
-            if self._decide(call, path, op, occurrence, True):
+            decision = self._decide(call, path, op, occurrence, True)
+            if decision is SKIP:
+                call.storage[module, occurrence] = (_Unwritten(out), None)
+            elif decision:
                 cached = out.detach()
                 call.storage[module, occurrence] = (cached, cached._version)
             return out
@@ -451,8 +478,8 @@ class ScopedExecution(PlanDecisions):
 
     # --- decisions -----------------------------------------------------------------------------
 
-    def _keep(self, call: _LayerCall, func) -> bool:
-        """The forward decision for one op in a scope; counts its occurrence and the plan fidelity."""
+    def _keep(self, call: _LayerCall, func) -> bool | str:
+        """The forward decision for one op in a scope (True, False or `SKIP`); counts its occurrence and the plan fidelity."""
         name, expensive = self._ops[func]
         counts = call.counts
         counts[func] = counts.get(func, 0) + 1
@@ -462,7 +489,7 @@ class ScopedExecution(PlanDecisions):
         counts[group] = occurrence + 1
         return self._decide(call, path, name, occurrence, expensive)
 
-    def _decide(self, call: _LayerCall, path: str, name: str, occurrence: int, expensive: bool) -> bool:
+    def _decide(self, call: _LayerCall, path: str, name: str, occurrence: int, expensive: bool) -> bool | str:
         keep = self._planned.get((call.layer, path, name, occurrence))
         if keep is None:
             key = OpKey(call.layer, path, name, occurrence)
@@ -470,7 +497,7 @@ class ScopedExecution(PlanDecisions):
             self._count_unplanned(key, expensive, keep)
         else:
             self.fidelity["plan_hits"] += 1
-            call.kept_seen += keep
+            call.kept_seen += bool(keep)
         if self.decisions is not None:
             self.decisions[OpKey(call.layer, path, name, occurrence)] = keep
         return keep

@@ -116,6 +116,9 @@ def reversible_note(record: dict) -> str | None:
         ops = ", ".join(f"`{op}` x{count}" + (f" (loop of {steps[op]} steps)" if op in steps else "")
                         for op, count in sorted(plan["recomputed_ops"].items()))
         parts.append(f"recomputed in backward: {ops or 'nothing'}")
+    if plan.get("skipped_ops"):
+        ops = ", ".join(f"`{op}` x{count}" for op, count in sorted(plan["skipped_ops"].items()))
+        parts.append(f"neither kept nor recomputed (output read by nothing backward needs): {ops}")
     if plan.get("recompute_flops_fraction") is not None:
         parts.append(f"recompute FLOPs fraction: {plan['recompute_flops_fraction']:.3f}")
     grad_buffer = (record.get("bytes_kept_for_backward") or {}).get("grad_buffer_bytes")
