@@ -18,7 +18,7 @@ from hf_bwsk.training.args import BWSKTrainingArguments
 from hf_bwsk.training.callback import BWSKCallback
 from hf_bwsk.training.trainer import BWSKTrainer
 
-LORA_TARGETS = ["q_proj", "v_proj", "up_proj"]
+LORA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def lora_model(seed=0):
@@ -127,6 +127,8 @@ def test_peft_lora_gradients_equal_conventional_lora_and_lora_ops_are_planned():
         assert any(target in path and "lora_B" in path for path in planned), (target, sorted(planned))
     # LoRA's B matmul contracts over the rank (4 < width 32): narrow, so recomputed, never kept.
     assert all("lora_B" not in key.path for key in handle.plan.keep)
+    # The adapted down projection's base matmul flows, through LoRA's addition, into the residual: skipped.
+    assert {key.path for key in handle.plan.skip} == {"mlp.down_proj.base_layer"}, handle.plan.skip
     handle.remove()
     assert "forward" not in model.get_base_model().__dict__
 
