@@ -48,7 +48,7 @@ SHAPES = {"pythia-70m": (8, 512), "mamba-130m": (2, 32), "llama-1b-class-1-layer
 BASELINES = ("conventional", "hf_checkpointing", "hf_checkpointing_every_2", "hf_checkpointing_fused_loss",
              "torch_selective_save_matmuls")
 # bwsk budgets between the least peak (0) and the default plan's (1); 3 lets the plan keep every matmul output.
-BUDGET_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.25, 3.0)
+BUDGET_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 3.0)
 # `torch.compile` rows: "torch_compile_budget_<activation_memory_budget>" (see compile_budget.py).
 COMPILE_PREFIX = "torch_compile_budget_"
 COMPILE_BUDGETS = (0.1, 0.3, 0.5, 1.0)

@@ -164,8 +164,8 @@ def test_teardown_leaves_the_model_as_it_was():
     assert list(model.state_dict()) == keys_before
 
 
-def _op(index, flops, output_bytes, widening=False):
-    return OpRecord(index, "aten.mm.default", f"layers.0.m{index}", "Linear", 0, ((output_bytes // 4,),),
+def _op(index, flops, output_bytes, widening=False, layer=0):
+    return OpRecord(index, "aten.mm.default", f"layers.{layer}.m{index}", "Linear", layer, ((output_bytes // 4,),),
                     ((output_bytes // 4,),), output_bytes, flops, "S", "", True, frozenset(), f"m{index}",
                     activation_input_numel=output_bytes // (8 if widening else 4))
 
@@ -217,6 +217,14 @@ def test_budget_keeps_most_flops_per_byte_and_states_the_minimum():
     assert not plan.keeps(OpKey(0, "unseen", "aten.mm.default", 0), expensive=True)
     with pytest.raises(BWSKError, match="below the minimum 40 bytes"):
         plan_recompute(ops, [40], budget_bytes=39)
+
+
+def test_budget_keeps_the_later_layer_of_two_equally_worth_outputs():
+    # Same FLOPs per byte in both layers; room for one: the last layer's, alive at its own backward anyway.
+    ops = [_op(0, flops=1000, output_bytes=100), _op(1, flops=1000, output_bytes=100, layer=1)]
+    plan = plan_recompute(ops, [40, 40], budget_bytes=190)
+    assert {(key.layer, key.path) for key in plan.keep} == {(1, "m1")}, plan.keep
+    assert {(key.layer, key.path) for key in plan.recompute} == {(0, "m0")}
 
 
 def test_budget_below_minimum_fails_before_training():

@@ -52,7 +52,11 @@ convolutions, attention):
   between (GPT-2, OPT in training) saves its mask and keeps the op out.
 * Budget plan: start from full recomputation (only the layer inputs are kept, as HF activation
   checkpointing does) and keep the expensive outputs that save the most recompute FLOPs per byte
-  until the byte budget is full (greedy knapsack).
+  until the byte budget is full (greedy knapsack). Among outputs of equal worth (every projection
+  of the layer width saves the same FLOPs per byte) a later layer's go first: backward frees them
+  sooner, and the last layer's are alive at its own backward, the step's peak, kept or not; what it
+  keeps costs only while the loss runs. So at the default plan's bytes and FLOPs, a budget plan
+  keeping the last layer's widening outputs in place of as many bytes of earlier layers peaks lower.
 """
 
 from __future__ import annotations
@@ -326,7 +330,9 @@ def plan_recompute(
                 "inputs of this batch, kept even when everything is recomputed): raise it to at least that"
             )
         keep, spent = [], minimum
-        for i in sorted(expensive, key=lambda i: -by_index[i].flops / max(size[i], 1)):
+        # Among outputs of equal worth, a later layer's first: backward frees it sooner, and the last
+        # layer's outputs are alive at its own backward (the peak) whether kept or recomputed.
+        for i in sorted(expensive, key=lambda i: (-by_index[i].flops / max(size[i], 1), -by_index[i].layer)):
             if spent + size[i] <= budget_bytes:
                 keep.append(i)
                 spent += size[i]
