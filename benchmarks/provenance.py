@@ -9,8 +9,12 @@ BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 
 
 def git_commit() -> str:
+    """The short HEAD commit, with ``+uncommitted`` when the code that ran (library, benchmarks) differs from it."""
     result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
+    changed = subprocess.run(["git", "status", "--porcelain", "--", "hf_bwsk", "benchmarks"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip()
+    commit = result.stdout.strip() or "unknown"
+    return f"{commit}+uncommitted" if changed else commit
 
 
 def provenance() -> dict:

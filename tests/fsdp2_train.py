@@ -75,6 +75,10 @@ def main():
     if accelerator.is_main_process:
         Path(result_path).write_text(json.dumps(results, default=str), encoding="utf-8")
 
+    # Leave gloo's threads joined before the interpreter exits (else an occasional abort at exit).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()

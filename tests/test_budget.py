@@ -78,10 +78,17 @@ def test_unmeetable_budget_is_refused_with_the_minimum_before_any_step():
     assert status["status"] == "active" and status["predicted_peak_bytes"] <= minimum_mib * 2**20, status
 
 
+def test_auto_chunk_size_bounds_the_logits_by_the_hidden_states_above_its_floors():
+    assert auto_chunk_size(4096, 512, 50304) == 128, "Pythia-70M 8 x 512: 4 x 4096 x 512 / 50,304 = 166 -> 128"
+    assert auto_chunk_size(512, 16, 32768) == 64, "4 x 512 x 16 / 32,768 = 1, raised to the 64-token floor"
+    assert auto_chunk_size(256, 64, 512) == 256, "256 x 512 logits are below the 2**20-logit floor: one chunk"
+    assert auto_chunk_size(100, 64, 512) == 100, "never more than the tokens"
+
+
 def test_loss_chunk_holds_one_logits_buffer():
-    tokens, hidden, vocab = 512, 16, 1024
+    tokens, hidden, vocab = 512, 16, 32768
     chunk = auto_chunk_size(tokens, hidden, vocab)
-    assert chunk == 64  # 4 x 512 x 16 / 1024 = 32 elements-worth, raised to the 64-token floor
+    assert chunk == 64 and tokens // chunk == 8
     torch.manual_seed(0)
     module = torch.nn.Module()
     module.hidden = torch.nn.Parameter(torch.randn(tokens, hidden))

@@ -28,7 +28,9 @@ def visible_plan(mode) -> dict:
     plan = mode.plan
     planned = {**dict.fromkeys(plan.recompute, False), **dict.fromkeys(plan.keep, True), **dict.fromkeys(plan.skip, SKIP)}
     if mode.status()["execution"] == "scoped":
-        assert all(mode.policy.visible(key) for key in plan.keep | plan.skip), "every kept or skipped op runs in a scope"
+        # An unreached op needs no scope: the recompute stops before it.
+        assert all(mode.policy.visible(key) for key in plan.keep | plan.skip - plan.unreached), \
+            "every kept or skipped op the recompute reaches runs in a scope"
         planned = {key: keep for key, keep in planned.items() if mode.policy.visible(key)}
     return planned
 

@@ -91,6 +91,8 @@ def test_plan_recomputes_the_widening_matmul_feeding_gelu_and_keeps_the_rest():
     # The two projections writing into the (parallel) residual stream: their outputs reach only the
     # layer's output, through views and additions, so backward never reads them.
     assert skipped == {("attention.dense", "aten.addmm.default"), ("mlp.dense_4h_to_h", "aten.addmm.default")}
+    # The MLP's runs last: the checkpoint's recompute stops at its saved inputs, before it.
+    assert {(key.path, key.op) for key in mode.plan.unreached} == {("mlp.dense_4h_to_h", "aten.addmm.default")}
 
 
 @pytest.mark.slow
@@ -108,6 +110,7 @@ def test_mamba_plan_recomputes_the_narrow_scan_ops_and_keeps_the_width_contracti
     assert not any(path == "mixer" for path, _ in kept), kept
     assert ("mixer.x_proj", "aten.mm.default") in kept
     assert {(key.path, key.op) for key in mode.plan.skip} == {("mixer.out_proj", "aten.mm.default")}  # into the residual
+    assert mode.plan.unreached == mode.plan.skip  # and the layer's last op
     # The scan's per-token state contraction: its first step (from the zero state), then one op per loop.
     assert summary["recomputed_ops"]["mixer:aten.bmm.default per step"] == 2  # one loop per layer
     assert summary["recomputed_loop_steps"]["mixer:aten.bmm.default per step"] == 15
@@ -197,6 +200,26 @@ def test_a_matmul_is_skipped_only_when_its_output_flows_unread_into_the_layer_ou
     assert plan.summary()["skipped_ops"] == ({"m0:aten.mm.default": 1} if skipped else {})
     unskipped = plan_recompute(records, [64], skip_unread=False)
     assert not unskipped.skip and key in unskipped.keep, "an execution that cannot skip keeps it"
+
+
+@pytest.mark.parametrize("after, unreached", [
+    ([], True),  # the layer's last op
+    ([("aten.view.default", True, True), ("aten.add.Tensor", False, True)], True),  # then only ops saving nothing
+    # A norm of the layer input after it saves its input: the recompute runs on to it, through m2.
+    ([("aten.native_layer_norm.default", False, False)], False),
+])
+def test_the_last_matmul_a_layer_saves_for_is_never_reached_by_the_recompute(after, unreached):
+    # m0's output flows unread into the layer output (skipped); m1 reads the layer input; then `after`.
+    # The checkpoint's recompute stops at the last saved tensor: a last matmul's inputs, saved before it runs.
+    records = [_flow(0, "aten.mm.default", (), flops=512), _flow(1, "aten.add.Tensor", (0,)),
+               _flow(2, "aten.mm.default", (), flops=512), _flow(3, "aten.add.Tensor", (1, 2))]
+    for index, (op, relabels, chained) in enumerate(after, start=4):
+        records.append(_flow(index, op, (index - 1,) if chained else (), relabels=relabels))
+    plan = plan_recompute(records, [64])
+    first, last = OpKey(0, "m0", "aten.mm.default", 0), OpKey(0, "m2", "aten.mm.default", 0)
+    assert first in plan.skip and first not in plan.unreached, "m1 saves after it: the recompute reaches m0"
+    assert last in plan.skip and (last in plan.unreached) == unreached and plan.unreached <= plan.skip, plan
+    assert not plan_recompute(records, [64], skip_unread=False).unreached, "unreached ones are skipped ones"
 
 
 def test_the_next_layer_reading_a_layer_output_does_not_make_it_read():

@@ -6,13 +6,20 @@ import pytest
 import torch
 from grad_compare import assert_grads_close, assert_tensors_close
 from tiny_models import ARCHS, tiny_batch, tiny_config, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_bwsk.analysis import find_decoder_layers
 from hf_bwsk.errors import BWSKError
-from hf_bwsk.memory import ReversibleMode, bytes_kept_for_backward, count_train_flops
+from hf_bwsk.memory import (
+    ReversibleMode,
+    bytes_kept_for_backward,
+    count_train_flops,
+    kernel_call,
+    scoped,
+)
 from hf_bwsk.memory.plan import OpKey, RecomputePlan
 from hf_bwsk.memory.scoped import _linear_layout, scopes_of
 
@@ -94,6 +101,54 @@ def test_sdpa_attention_is_scoped_to_the_attention_call_with_exact_gradients(arc
     assert kept_attention and all(mode.policy.decisions.get(key) is True for key in kept_attention)
     assert mode.status()["plan_fidelity"]["plan_misses"] == 0
     mode.teardown()
+
+
+class _AttentionKernels(TorchDispatchMode):
+    """Counts the forward attention kernels that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        self.count += "scaled_dot_product" in name and "backward" not in name
+        return func(*args, **(kwargs or {}))
+
+
+def _grads_and_recomputed_kernels(arch, batch, monkeypatch):
+    """Gradients, attention kernels run in backward, and attention kernels the dispatch mode replayed there."""
+    model = sdpa_model(arch)
+    model.train()
+    mode = reversible(model, batch)
+    replayed_in_mode = []
+    replay = scoped._Replay.__torch_dispatch__
+
+    def counting_replay(self, func, types, args=(), kwargs=None):
+        replayed_in_mode.append("scaled_dot_product" in func.__name__)
+        return replay(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(scoped._Replay, "__torch_dispatch__", counting_replay)
+    loss = model(**batch).loss
+    with _AttentionKernels() as kernels:
+        loss.backward()
+    mode.teardown()
+    return {name: param.grad for name, param in model.named_parameters()}, kernels.count, sum(replayed_in_mode)
+
+
+@pytest.mark.parametrize("arch", KERNEL_ARCHS)
+def test_a_kept_sdpa_kernel_is_replayed_without_running_it_with_or_without_the_dispatch_mode(arch, monkeypatch):
+    batch = tiny_batch(2, 40, seed=3)
+    grads, recomputed, in_mode = _grads_and_recomputed_kernels(arch, batch, monkeypatch)
+    assert (recomputed, in_mode) == (0, 0), "the kept kernel ran again, or its replay went through the dispatch mode"
+    # Where the kernel's saved tensors cannot all be told apart as arguments or outputs, the recompute
+    # hands the cached outputs back in the dispatch mode instead.
+    monkeypatch.setattr(kernel_call, "_layout", lambda *args: None)
+    grads_in_mode, recomputed, in_mode = _grads_and_recomputed_kernels(arch, batch, monkeypatch)
+    layers = len(find_decoder_layers(sdpa_model(arch))[1])
+    assert (recomputed, in_mode) == (0, layers), "each layer's kernel replayed in the dispatch mode, none run"
+    differ = [name for name in grads if not torch.equal(grads[name], grads_in_mode[name])]
+    assert not differ, f"gradients differ between the two replays: {differ}"
 
 
 def test_teardown_restores_the_attention_registry_and_the_hooks():

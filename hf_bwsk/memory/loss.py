@@ -24,6 +24,9 @@ CHUNK_LOGITS_PER_HIDDEN_ELEMENT = 4
 # Each chunk also reads and writes the whole [vocab x hidden] head gradient: below this many tokens that
 # traffic, not the chunk's matmul FLOPs, would set the loss' time.
 MIN_CHUNK_TOKENS = 64
+# Nor is a chunk made smaller than this many logits (4 MiB in fp32): below it, the dozen ops a chunk
+# runs (each a kernel launch on a GPU, ~10 us of dispatch on a CPU) cost more than its bytes are worth.
+MIN_CHUNK_LOGITS = 1 << 20
 
 
 def auto_chunk_size(tokens: int, hidden_size: int, vocab_size: int) -> int:
@@ -33,9 +36,11 @@ def auto_chunk_size(tokens: int, hidden_size: int, vocab_size: int) -> int:
     tokens x 50,304 fp32 = 206 MB beside 8 MB of Pythia-70M's 8 x 512 hidden states). Bounding it by
     ``CHUNK_LOGITS_PER_HIDDEN_ELEMENT x tokens x hidden`` elements keeps the loss' transient bytes a
     small multiple of an activation the model holds anyway, whatever the vocab, at the same FLOPs
-    (more, smaller matmuls), and never below ``MIN_CHUNK_TOKENS``.
+    (more, smaller matmuls), and never below ``MIN_CHUNK_TOKENS`` tokens or ``MIN_CHUNK_LOGITS`` logits.
     """
-    bound = max(MIN_CHUNK_TOKENS, CHUNK_LOGITS_PER_HIDDEN_ELEMENT * tokens * hidden_size // max(vocab_size, 1))
+    vocab_size = max(vocab_size, 1)
+    bound = max(MIN_CHUNK_TOKENS, MIN_CHUNK_LOGITS // vocab_size,
+                CHUNK_LOGITS_PER_HIDDEN_ELEMENT * tokens * hidden_size // vocab_size)
     return max(1, min(tokens, 1 << (bound.bit_length() - 1)))
 
 

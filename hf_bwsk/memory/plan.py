@@ -50,6 +50,10 @@ convolutions, attention):
   last projection of a layer writing into the residual stream is one: GPT-NeoX's attention output
   and MLP down-projection (parallel residual), Llama's and Mamba's down/out projection. A dropout in
   between (GPT-2, OPT in training) saves its mask and keeps the op out.
+  The last of them in a layer, when only such ops follow it (`unreached_by_recompute`), the recompute
+  never reaches at all: torch's non-reentrant checkpoint stops recomputing once it has saved again
+  every tensor the forward saved (its default `early_stop`), and a matmul saves its inputs before it
+  computes. It needs no handling at run time (`RecomputePlan.unreached`).
 * Budget plan: start from full recomputation (only the layer inputs are kept, as HF activation
   checkpointing does) and keep the expensive outputs that save the most recompute FLOPs per byte
   until the byte budget is full (greedy knapsack). Among outputs of equal worth (every projection
@@ -101,7 +105,8 @@ class RecomputePlan:
     """Keep/recompute/skip decisions for the expensive ops of every decoder layer, with their cost.
 
     ``skip``: ops neither kept nor recomputed (their output is read by nothing backward needs; module
-    docstring); ``skipped_bytes``: what keeping them would cost.
+    docstring); ``skipped_bytes``: what keeping them would cost; ``unreached``: the skipped ops that
+    the checkpoint's recompute stops before, so that no execution needs to skip them.
     """
 
     keep: frozenset[OpKey]
@@ -119,6 +124,7 @@ class RecomputePlan:
     later_steps: frozenset[OpKey] = frozenset()
     skip: frozenset[OpKey] = frozenset()
     skipped_bytes: int = 0
+    unreached: frozenset[OpKey] = frozenset()
 
     def decision(self, key: OpKey) -> bool | None:
         """Keep (True) or recompute (False) as planned, or None for a key the plan does not hold.
@@ -252,6 +258,22 @@ def unread_outputs(records: dict[int, OpRecord], consumers: dict[int, list[int]]
     }
 
 
+def unreached_by_recompute(records: dict[int, OpRecord]) -> set[int]:
+    """Per layer, the last op that saves anything for backward, when it is a matmul (see the module docstring).
+
+    Views, casts and `PASS_THROUGH` ops save nothing; the op before a layer's tail of them saves the
+    last tensors backward reads, and a matmul saves its inputs before computing, so a checkpoint's
+    recompute (with its default early stop) ends before running it.
+    """
+    last: dict[int, int] = {}
+    for index in sorted(records):
+        record = records[index]
+        if not (record.relabels or record.op in PASS_THROUGH):
+            last[record.layer] = index
+    return {index for index in last.values()
+            if _family(records[index].op) in _SKIPPABLE_FAMILIES and len(records[index].output_shapes) == 1}
+
+
 def _family(op: str) -> str:
     """The aten packet of an op name (``"aten.addmm.default"`` -> ``"addmm"``); '' for other namespaces."""
     namespace, _, rest = op.partition(".")
@@ -314,6 +336,7 @@ def plan_recompute(
     keep_all = minimum + sum(size.values())
     layer_flops = sum(by_index[i].flops for i in expensive)
     skip = unread_outputs(by_index, consumers) & set(expensive) if skip_unread else set()
+    unreached = unreached_by_recompute(by_index) & skip
     expensive = [index for index in expensive if index not in skip]
     if budget_bytes is None:
         recompute = {
@@ -352,6 +375,7 @@ def plan_recompute(
         later_steps=frozenset(keys[r.index] for r in by_index.values() if r.step > 0),
         skip=frozenset(keys[i] for i in skip),
         skipped_bytes=sum(size[i] for i in skip),
+        unreached=frozenset(keys[i] for i in unreached),
     )
 
 

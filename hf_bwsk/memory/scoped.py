@@ -7,7 +7,8 @@ expensive ops; all the others are recomputed, which is what plain checkpointing 
 at all. So the layer is checkpointed plainly (as HF's activation checkpointing does) and keep/replay
 runs only in the plan's *scopes* (`scopes_of`), one per kept `OpKey`'s module (the innermost module
 running the op), a scope nested in another being covered by the outer one. A skipped op
-(`RecomputePlan.skip`: its output is read by nothing backward needs) is scoped like a kept one, but
+(`RecomputePlan.skip`: its output is read by nothing backward needs; unless the recompute never
+reaches it: `RecomputePlan.unreached`) is scoped like a kept one, but
 its forward caches only its output's layout, and the recompute hands back a zero tensor of that layout
 (`_Unwritten`) instead of running it: neither its bytes are kept nor its FLOPs spent. Three kinds:
 
@@ -21,7 +22,9 @@ its forward caches only its output's layout, and the recompute hands back a zero
   transformers attention function from `ALL_ATTENTION_FUNCTIONS` (sdpa, flash, flex): only that call
   runs in the mode (the registry entry is wrapped, reference counted, restored on `remove()`; other
   modules pass through with one dict lookup). Its other ops (views, rotary) are recomputed anyway,
-  and its attention kernels run nowhere else, so their occurrences are the planner's.
+  and its attention kernels run nowhere else, so their occurrences are the planner's. Narrower still
+  for `sdpa`: only its `F.scaled_dot_product_attention` call runs in the mode, and its recompute in
+  none (`kernel_call.KernelCall`).
 * **module**: any other scope. Its pre-hook enters `_Record` (a small `TorchDispatchMode`), which
   decides each op by its `OpKey` as the per-op policy does and caches a kept op's output, detached
   with its version counter as torch's `_CachingTorchDispatchMode` does; in the recompute `_Replay`
@@ -56,6 +59,7 @@ except ImportError:  # another torch: `scopes_of` says no, and the plan runs per
     SAC_IGNORED_OPS = _detach_helper = _VersionWrapper = None
 
 from ..analysis import op_names
+from .kernel_call import KernelCall
 from .plan import OpKey, RecomputePlan
 from .policy import SKIP, PlanDecisions, pop_path, push_path
 
@@ -98,7 +102,7 @@ def scopes_of(plan: RecomputePlan, layers: torch.nn.ModuleList) -> Scopes | None
     if _VersionWrapper is None:
         return None
     paths: dict[int, set[str]] = {}
-    for key in plan.keep | plan.skip:
+    for key in plan.keep | plan.skip - plan.unreached:  # the recompute stops before an unreached op
         if key.path == "" or not 0 <= key.layer < len(layers):
             return None
         try:
@@ -211,6 +215,10 @@ def _wrap_attention_function(name: str) -> None:
 
     _WRAPPED[name] = [ALL_ATTENTION_FUNCTIONS._local_mapping.get(name), 1]
     ALL_ATTENTION_FUNCTIONS[name] = attention
+
+
+# Attention implementations whose kernel `KernelCall` finds in the call (others run wholly in the mode).
+_KERNEL_CALL_IMPLEMENTATIONS = frozenset({"sdpa"})
 
 
 def _unwrap_attention_function(name: str) -> None:
@@ -333,7 +341,7 @@ class ScopedExecution(PlanDecisions):
         self._stack: list[str] = []
         self._layer: int | None = None
         self._handles = []
-        self._attention: dict[torch.nn.Module, str] = {}
+        self._attention: dict[torch.nn.Module, tuple[str, bool]] = {}  # module -> (path, runs as a `KernelCall`)
         self._linears: dict[torch.nn.Module, Any] = {}  # module -> its own forward before ours (None: the class')
         self._linear_layouts: dict[tuple, tuple[str, ...] | None] = {}  # by kind of call (`_linear_layout`)
         for index, layer in enumerate(layers):
@@ -345,7 +353,7 @@ class ScopedExecution(PlanDecisions):
                 module.forward = self._linear_forward(module, path, op, module.forward)
             for path in scopes.attention.get(index, ()):
                 module = layer.get_submodule(path)
-                self._attention[module] = path
+                self._attention[module] = (path, _attention_function(module) in _KERNEL_CALL_IMPLEMENTATIONS)
                 _wrap_attention_function(_attention_function(module))
                 _ATTENTION_SCOPES[module] = self
             for scope in scopes.modules.get(index, ()):
@@ -360,7 +368,8 @@ class ScopedExecution(PlanDecisions):
     @PlanDecisions.plan.setter
     def plan(self, plan: RecomputePlan) -> None:
         PlanDecisions.plan.fset(self, plan)
-        self._kept_per_layer = Counter(key.layer for key in plan.keep | plan.skip)
+        # The kept and skipped ops this execution sees run (an unreached op outside the scopes it does not).
+        self._kept_per_layer = Counter(key.layer for key in plan.keep | plan.skip if self.visible(key))
 
     def visible(self, key: OpKey) -> bool:
         """Whether ``key``'s op runs inside a scope, where this execution sees (and counts) it."""
@@ -468,12 +477,18 @@ class ScopedExecution(PlanDecisions):
         if not self._calls or self._stack:  # not checkpointed now, or already inside a scope
             return original(module, *args, **kwargs)
         call = self._calls[-1]
-        self._stack.append(self._attention[module])
-        self._open(call)
+        self._stack.append(self._attention[module][0])
         try:
-            return original(module, *args, **kwargs)
+            path, kernel_call = self._attention[module]
+            if kernel_call:
+                with KernelCall(call, self._open, self._close, path):
+                    return original(module, *args, **kwargs)
+            self._open(call)
+            try:
+                return original(module, *args, **kwargs)
+            finally:
+                self._close(call)
         finally:
-            self._close(call)
             self._stack.pop()
 
     # --- decisions -----------------------------------------------------------------------------
