@@ -14,7 +14,9 @@ gives, all deterministic:
 Modes: conventional; HF activation checkpointing of every layer and of every 2nd layer; HF
 checkpointing + our fused loss (what TRL and Liger do by default); torch selective checkpointing
 saving matmul/attention outputs; bwsk reversible (default plan); bwsk with whole-step peak budgets
-spread between its least peak and its default plan's.
+spread between its least peak and its default plan's; bwsk with activation budgets (bytes the layers
+keep) spread between the layer inputs and the default plan's, the plans a peak budget cannot choose
+where the training state sets the peak.
 
     python benchmarks/pareto.py run --shape pythia-70m --out /tmp/pythia.json [--modes ...]
     python benchmarks/pareto.py report /tmp/pythia.json /tmp/mamba.json ... [--png docs/pareto.png]
@@ -49,6 +51,8 @@ BASELINES = ("conventional", "hf_checkpointing", "hf_checkpointing_every_2", "hf
              "torch_selective_save_matmuls")
 # bwsk budgets between the least peak (0) and the default plan's (1); 3 lets the plan keep every matmul output.
 BUDGET_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 3.0)
+# bwsk activation budgets between the layer inputs (0) and the default plan's kept bytes (1).
+ACTIVATION_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
 # `torch.compile` rows: "torch_compile_budget_<activation_memory_budget>" (see compile_budget.py).
 COMPILE_PREFIX = "torch_compile_budget_"
 COMPILE_BUDGETS = (0.1, 0.3, 0.5, 1.0)
@@ -81,7 +85,7 @@ def fused_loss_forward(model):
     model.forward = forward.__get__(model)
 
 
-def apply_mode(mode: str, model, batch: dict, optimizer, budget: int | None):
+def apply_mode(mode: str, model, batch: dict, optimizer, budget: int | None, activations: int | None = None):
     """Switch `model` to `mode`; the bwsk modes return `ReversibleMode.status()`."""
     from hf_bwsk.analysis import find_decoder_layers
     from hf_bwsk.memory import ReversibleMode
@@ -100,7 +104,8 @@ def apply_mode(mode: str, model, batch: dict, optimizer, budget: int | None):
         context_fn = functools.partial(create_selective_checkpoint_contexts, _MATMUL_OPS)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={**no_reentrant, "context_fn": context_fn})
     elif mode.startswith("bwsk"):
-        reversible = ReversibleMode(model, find_layers=find_decoder_layers, memory_budget_bytes=budget)
+        reversible = ReversibleMode(model, find_layers=find_decoder_layers, memory_budget_bytes=budget,
+                                    activation_budget_bytes=activations)
         reversible.install_forward()
         return reversible.setup(batch, optimizer=optimizer)
     return None
@@ -119,7 +124,7 @@ def create_adam_state(model, optimizer) -> None:
         group["lr"] = value
 
 
-def measure(shape: str, mode: str, budget: int | None = None) -> dict:
+def measure(shape: str, mode: str, budget: int | None = None, activations: int | None = None) -> dict:
     """One mode on a fresh model from the same seed: one tracked training step."""
     from hf_bwsk.memory import FirstStepMemory, count_train_flops, step_peak
 
@@ -131,7 +136,7 @@ def measure(shape: str, mode: str, budget: int | None = None) -> dict:
     # What `Trainer` builds by default (`optim="adamw_torch_fused"`): its step allocates no temporaries.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     create_adam_state(model, optimizer)
-    status = apply_mode(mode, model, batch, optimizer, budget)
+    status = apply_mode(mode, model, batch, optimizer, budget, activations)
     kept = FirstStepMemory(model)
     losses = []
 
@@ -159,11 +164,13 @@ def measure(shape: str, mode: str, budget: int | None = None) -> dict:
            "cpu_step_s_noisy": seconds}
     if budget is not None:
         row["budget_bytes"] = budget
+    if activations is not None:
+        row["activation_budget_bytes"] = activations
     if status is not None:
         row["reversible"] = {key: status.get(key) for key in (
             "status", "loss_chunk_size", "predicted_peak_bytes", "minimum_peak_bytes", "training_state_bytes")}
         row["reversible"]["plan"] = {key: status["plan"][key] for key in (
-            "kept_bytes_estimate", "recompute_flops_fraction")} if "plan" in status else None
+            "kept_bytes_estimate", "minimum_bytes", "recompute_flops_fraction")} if "plan" in status else None
     return row
 
 
@@ -196,6 +203,13 @@ def run(shape: str, modes: list[str], out: str, fractions: tuple[float, ...] = B
                 rows.append(measure(shape, f"bwsk_budget_{budget / _MB:.0f}MiB", budget))
                 print(json.dumps(rows[-1]), flush=True)
             continue
+        if mode == "bwsk_activation_budgets":
+            plan = next(row for row in rows if row["mode"] == "bwsk_reversible")["reversible"]["plan"]
+            low, high = plan["minimum_bytes"], plan["kept_bytes_estimate"]
+            for activations in dict.fromkeys(int(low + fraction * (high - low)) for fraction in ACTIVATION_FRACTIONS):
+                rows.append(measure(shape, f"bwsk_activations_{activations / _MB:.1f}MiB", activations=activations))
+                print(json.dumps(rows[-1]), flush=True)
+            continue
         rows.append(measure(shape, mode))
         print(json.dumps(rows[-1]), flush=True)
     batch_size, seq_len = SHAPES[shape]
@@ -211,8 +225,9 @@ def main() -> None:
     run_parser = commands.add_parser("run", help="measure one shape's modes into a JSON file")
     run_parser.add_argument("--shape", choices=list(SHAPES), required=True)
     run_parser.add_argument("--modes", nargs="+", default=[
-        *BASELINES, *(f"{COMPILE_PREFIX}{budget}" for budget in COMPILE_BUDGETS), "bwsk_reversible", "bwsk_budgets"],
-                            help="modes in order; bwsk_budgets needs bwsk_reversible before it")
+        *BASELINES, *(f"{COMPILE_PREFIX}{budget}" for budget in COMPILE_BUDGETS), "bwsk_reversible", "bwsk_budgets",
+        "bwsk_activation_budgets"],
+                            help="modes in order; bwsk_budgets and bwsk_activation_budgets need bwsk_reversible before them")
     run_parser.add_argument("--out", required=True)
     run_parser.add_argument("--budget-fractions", nargs="+", type=float, default=list(BUDGET_FRACTIONS),
                             help="bwsk budgets: least peak + fraction x (default plan's peak - least peak)")

@@ -148,3 +148,46 @@ def test_tied_embeddings_backward_sets_the_peak_of_a_small_batch(arch):
     assert measured.activation_bytes >= tied, measured  # the two [vocab x hidden] tensors are what peaks
     # Within a few hundred bytes (the few activations alive then); without that moment it would be ~30% low.
     assert status["predicted_peak_bytes"] == pytest.approx(measured.peak_bytes, rel=0.10), (status, measured)
+
+
+def test_activation_budget_keeps_within_it_and_measures_what_it_predicts():
+    """Where a peak budget cannot choose (the training state sets the peak), the kept bytes can be budgeted."""
+    from hf_bwsk.memory import bytes_kept_for_backward
+
+    def kept(budget):
+        model = tiny_model("gpt_neox")
+        mode = ReversibleMode(model, find_layers=find_decoder_layers, activation_budget_bytes=budget)
+        mode.install_forward()
+        status = mode.setup(tiny_batch(*BATCH))
+        measured = bytes_kept_for_backward(lambda: model(**tiny_batch(*BATCH)).loss).activation_bytes
+        mode.teardown()
+        return status, measured
+
+    default, default_measured = kept(None)
+    minimum, full = default["plan"]["minimum_bytes"], default["plan"]["kept_bytes_estimate"]
+    for budget in (minimum, (minimum + full) // 2):
+        status, measured = kept(budget)
+        plan = status["plan"]
+        assert status["activation_budget_bytes"] == budget == plan["budget_bytes"] and plan["policy"] == "budget"
+        assert plan["kept_bytes_estimate"] <= budget, plan
+        # Measured as planned: the estimate's difference to the measured bytes is the default plan's.
+        assert measured - plan["kept_bytes_estimate"] == default_measured - full, (measured, plan)
+    assert kept(minimum)[0]["plan"]["kept_bytes_estimate"] == minimum, "at the minimum only the layer inputs stay"
+    with pytest.raises(BWSKError, match=r"bwsk_activation_budget .* below the minimum .* raise it to at least that"):
+        kept(minimum - 1)
+
+
+def test_activation_budget_arguments_are_checked_before_any_work(tmp_path):
+    with pytest.raises(BWSKError, match="only applies to bwsk_mode='reversible'"):
+        BWSKTrainingArguments(output_dir=str(tmp_path), bwsk_activation_budget="1GB", use_cpu=True)
+    with pytest.raises(BWSKError, match="set only one"):
+        BWSKTrainingArguments(output_dir=str(tmp_path), bwsk_mode="reversible", bwsk_activation_budget="1GB",
+                              bwsk_memory_budget="2GB", use_cpu=True)
+    with pytest.raises(BWSKError, match="byte size"):
+        BWSKTrainingArguments(output_dir=str(tmp_path), bwsk_mode="reversible", bwsk_activation_budget="lots",
+                              use_cpu=True)
+    with pytest.raises(BWSKError, match="set only one"):
+        ReversibleMode(tiny_model("llama"), memory_budget_bytes=2**30, activation_budget_bytes=2**20)
+    args = BWSKTrainingArguments(output_dir=str(tmp_path), bwsk_mode="reversible", bwsk_activation_budget="200MB",
+                                 use_cpu=True)
+    assert args.bwsk_activation_budget_bytes == 200 * 10**6 and args.bwsk_memory_budget_bytes is None

@@ -316,6 +316,15 @@ def test_a_budget_below_the_minimum_is_refused_before_anything_is_written(tmp_pa
     assert not out.exists(), "nothing may be written before every check passed"
 
 
+def test_an_activation_budget_below_the_layer_inputs_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(BWSKError) as caught:
+        run_in_process(out, "--modes", "reversible", "--bwsk_activation_budget", "1KB")
+    message = str(caught.value)
+    assert message.startswith("--bwsk_activation_budget") and f"below the minimum {2 * 8 * 32 * 64 * 4:,} bytes" in message
+    assert "\n" not in message and not out.exists(), message
+
+
 def test_a_budget_below_the_whole_step_floor_is_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(BWSKError) as caught:

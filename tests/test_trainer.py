@@ -94,6 +94,16 @@ def test_arguments_are_flags_and_validated(tmp_path):
     assert parse_byte_size("800MB") == 800 * 10**6 and parse_byte_size(4096) == 4096
 
 
+def test_trainer_takes_an_activation_budget_and_records_it(tmp_path):
+    _, conventional = train("gpt_neox", tmp_path / "conventional", mode="conventional")
+    trainer, losses = train("gpt_neox", tmp_path / "budget", mode="reversible", bwsk_activation_budget="100KB")
+    plan = trainer.reversible_mode.status()["plan"]
+    assert plan["policy"] == "budget" and plan["budget_bytes"] == 100_000 >= plan["kept_bytes_estimate"], plan
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(conventional), rtol=1e-5, atol=1e-6)
+    results = json.loads((tmp_path / "budget" / "training_results.json").read_text())
+    assert results["hyperparameters"]["bwsk_activation_budget"] == "100KB"
+
+
 def test_budget_below_minimum_stops_before_the_first_step(tmp_path):
     with pytest.raises(BWSKError, match="below the minimum"):
         train("opt", tmp_path, mode="reversible", bwsk_memory_budget="1KB")

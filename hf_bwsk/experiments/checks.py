@@ -17,7 +17,8 @@ TRAINING_FIELDS = (
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "optim",
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type", "warmup_steps",
     "max_grad_norm", "max_steps", "fp16", "bf16", "logging_steps", "eval_strategy", "eval_steps", "save_strategy",
-    "save_steps", "data_seed", "bwsk_loss_chunk_size", "bwsk_memory_budget", "bwsk_analysis_seq_len",
+    "save_steps", "data_seed", "bwsk_loss_chunk_size", "bwsk_memory_budget", "bwsk_activation_budget",
+    "bwsk_analysis_seq_len",
 )
 
 
@@ -49,9 +50,10 @@ def run_identity(preset: Preset, training_args: BWSKTrainingArguments, hyperpara
 
 def check_flags(args: ExperimentArguments, training_args: BWSKTrainingArguments) -> None:
     """Refuse flags that contradict each other or the device (precision)."""
-    if training_args.bwsk_memory_budget is not None and "reversible" not in args.modes:
-        raise BWSKError(f"--bwsk_memory_budget applies to the reversible mode, which --modes "
-                        f"{','.join(args.modes)} leaves out; add reversible to --modes or drop the budget")
+    for flag in ("bwsk_memory_budget", "bwsk_activation_budget"):
+        if getattr(training_args, flag) is not None and "reversible" not in args.modes:
+            raise BWSKError(f"--{flag} applies to the reversible mode, which --modes "
+                            f"{','.join(args.modes)} leaves out; add reversible to --modes or drop the budget")
     check_precision(training_args)
 
 
@@ -63,15 +65,17 @@ def check_precision(training_args: BWSKTrainingArguments) -> None:
 
 
 def check_memory_budget(config, training_args: BWSKTrainingArguments, block_size: int, modes: tuple) -> None:
-    """Refuse a ``--bwsk_memory_budget`` the reversible variants cannot meet, before any training.
+    """Refuse a ``--bwsk_memory_budget`` or ``--bwsk_activation_budget`` the reversible variants cannot meet,
+    before any training.
 
     Two floors, measured on the meta device at the run's shape with the mechanism the reversible mode
     uses at its first step (`memory.layer_trace` and `memory.budget`): the decoder-layer inputs of one
-    batch (kept even when everything is recomputed), then the whole-step peak of full recomputation
-    (weights, gradients and optimizer state included).
+    batch (kept even when everything is recomputed), then, for a peak budget, the whole-step peak of
+    full recomputation (weights, gradients and optimizer state included).
     """
     budget = training_args.bwsk_memory_budget_bytes
-    if budget is None or "reversible" not in modes:
+    activations = training_args.bwsk_activation_budget_bytes
+    if (budget is None and activations is None) or "reversible" not in modes:
         return
     from transformers import AutoModelForCausalLM, Trainer
 
@@ -87,12 +91,15 @@ def check_memory_budget(config, training_args: BWSKTrainingArguments, block_size
     layers_path, layers = find_decoder_layers(model)
     trace = trace_layers(model, layers_path, layers, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
     minimum = sum(trace.layer_input_bytes) * trace.batch_size
-    if budget < minimum:
+    flag, given = ("bwsk_memory_budget", budget) if budget is not None else ("bwsk_activation_budget", activations)
+    if given < minimum:
         raise BWSKError(
-            f"--bwsk_memory_budget {budget:,} bytes is below the minimum {minimum:,} bytes (the decoder-layer "
+            f"--{flag} {given:,} bytes is below the minimum {minimum:,} bytes (the decoder-layer "
             f"inputs of a batch of {batch_size} x {block_size}, kept even when everything is recomputed): "
             "raise it to at least that"
         )
+    if budget is None:
+        return
     head_weight = model.get_output_embeddings().weight
     chunk = training_args.bwsk_loss_chunk_size or auto_chunk_size(input_ids.numel(), *head_weight.shape[::-1])
     # The optimizer the Trainer will build (its default, adamw_torch_fused, has no step temporaries).

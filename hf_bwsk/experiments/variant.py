@@ -122,6 +122,7 @@ def variant_arguments(grid: Grid, experiment: str, mode: str) -> BWSKTrainingArg
         output_dir=str(grid.run_dir.checkpoints / variant_name(experiment, mode)),
         bwsk_mode=mode,
         bwsk_memory_budget=args.bwsk_memory_budget if mode == "reversible" else None,
+        bwsk_activation_budget=args.bwsk_activation_budget if mode == "reversible" else None,
         # The analysis traces the model once; the trace must fit in the model's context.
         bwsk_analysis_seq_len=analysis_shape(grid)["seq_len"],
         learning_rate=grid.learning_rates[experiment],

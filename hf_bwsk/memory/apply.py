@@ -102,6 +102,10 @@ class ReversibleMode:
         loss_chunk_size: tokens per chunk of the fused loss (None: `auto_chunk_size` per batch).
         memory_budget_bytes: optional whole-step peak budget in bytes (see `budget.py`): the plan keeps
             what fits under it.
+        activation_budget_bytes: optional budget for the bytes the decoder layers keep for backward
+            (their inputs included), in place of a peak budget: the plan keeps the outputs worth the most
+            recompute FLOPs per byte within it. For when the peak is set by the training state, not the
+            activations, and a peak budget would let the plan keep everything.
         execution: how the plan runs in the checkpointed layers: `"scoped"` (plain checkpointing, keep and
             replay only inside the modules that hold kept ops: `scoped.py`), `"per_op"` (torch's
             selective-checkpoint dispatch mode over the whole layer: `policy.py`), or `"auto"` (scoped
@@ -118,6 +122,7 @@ class ReversibleMode:
         layer_policy: bool = True,
         loss_chunk_size: int | None = None,
         memory_budget_bytes: int | None = None,
+        activation_budget_bytes: int | None = None,
         execution: str = "auto",
     ):
         if execution not in EXECUTIONS:
@@ -129,8 +134,10 @@ class ReversibleMode:
             raise BWSKError(f"loss_chunk_size must be >= 1, got {loss_chunk_size}")
         if not layer_policy and loss == "model":
             raise BWSKError("layer_policy=False with loss='model' leaves nothing to apply: keep one of the two")
-        if not layer_policy and memory_budget_bytes is not None:
-            raise BWSKError("a memory budget needs the layer policy: drop memory_budget or set layer_policy=True")
+        if not layer_policy and (memory_budget_bytes is not None or activation_budget_bytes is not None):
+            raise BWSKError("a memory budget needs the layer policy: drop the budget or set layer_policy=True")
+        if memory_budget_bytes is not None and activation_budget_bytes is not None:
+            raise BWSKError("a peak budget and an activation budget would each choose the plan: set only one")
         self.model = base_causal_lm(model)
         if not getattr(self.model, "supports_gradient_checkpointing", False):
             raise BWSKError(
@@ -147,6 +154,7 @@ class ReversibleMode:
             )
         self.loss_chunk_size = loss_chunk_size
         self.memory_budget_bytes = memory_budget_bytes
+        self.activation_budget_bytes = activation_budget_bytes
         self.layer_policy = layer_policy
         self.execution = execution
         self.loss, self.loss_reason = loss, None if loss == "fused" else "asked for the model's own loss"
@@ -296,7 +304,7 @@ class ReversibleMode:
         # counts would disagree. Start the forward with an empty cache, as it would without us.
         torch.clear_autocast_cache()
         shape = self._step_shape(trace, batch, optimizer)
-        kept_budget = None
+        kept_budget = self.activation_budget_bytes  # plan_recompute refuses one below the layer inputs
         if self.memory_budget_bytes is not None:
             minimum_kept = sum(trace.layer_input_bytes) * trace.batch_size
             kept_budget = kept_bytes_budget(self.memory_budget_bytes, shape, minimum_kept)
@@ -311,6 +319,7 @@ class ReversibleMode:
             self.plan = plan(skip_unread=False)
         self._peak_prediction = {
             "peak_budget_bytes": self.memory_budget_bytes,
+            "activation_budget_bytes": self.activation_budget_bytes,
             "predicted_peak_bytes": predict_step_peak(self.plan.kept_bytes, shape),
             "minimum_peak_bytes": predict_step_peak(self.plan.minimum_bytes, shape),
             "training_state_bytes": shape.state.total,
@@ -381,6 +390,7 @@ def apply_reversible(
     loss: str = "fused",
     layer_policy: bool = True,
     memory_budget: int | str | None = None,
+    activation_budget: int | str | None = None,
     loss_chunk_size: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     execution: str = "auto",
@@ -399,6 +409,8 @@ def apply_reversible(
         memory_budget: the whole training step's peak, weights, gradients and optimizer state included,
             e.g. ``"12GB"``: the plan keeps the most valuable activations that fit; None: the analysis'
             default plan. A budget no plan can meet is refused with the minimum at the first forward.
+        activation_budget: instead of ``memory_budget``, the bytes the decoder layers may keep for
+            backward, e.g. ``"200MB"`` (their inputs, kept by any checkpointing, are the minimum).
         loss_chunk_size: tokens per chunk of the fused loss (None: chosen from vocab and hidden size).
         optimizer: the optimizer whose state the predicted peak counts (pass it with a budget).
         execution: ``"auto"`` (default), ``"scoped"`` or ``"per_op"``: how the plan runs (`ReversibleMode`).
@@ -411,8 +423,9 @@ def apply_reversible(
         handle.remove()
     """
     budget = None if memory_budget is None else parse_byte_size(memory_budget)
+    activations = None if activation_budget is None else parse_byte_size(activation_budget)
     mode = ReversibleMode(model, loss=loss, layer_policy=layer_policy, loss_chunk_size=loss_chunk_size,
-                          memory_budget_bytes=budget, execution=execution)
+                          memory_budget_bytes=budget, activation_budget_bytes=activations, execution=execution)
     mode.optimizer = optimizer
     mode.install_forward()
     return mode

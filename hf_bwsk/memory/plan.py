@@ -349,7 +349,7 @@ def plan_recompute(
     else:
         if budget_bytes < minimum:
             raise BWSKError(
-                f"bwsk_memory_budget {budget_bytes:,} bytes is below the minimum {minimum:,} bytes (the decoder-layer "
+                f"bwsk_activation_budget {budget_bytes:,} bytes is below the minimum {minimum:,} bytes (the decoder-layer "
                 "inputs of this batch, kept even when everything is recomputed): raise it to at least that"
             )
         keep, spent = [], minimum

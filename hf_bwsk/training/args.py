@@ -55,6 +55,16 @@ class BWSKTrainingArguments(TrainingArguments):
             "that minimum before the first step. Unset: the analysis' default plan."
         },
     )
+    bwsk_activation_budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reversible mode, instead of bwsk_memory_budget: the bytes the decoder layers may keep "
+            "for backward (their inputs included), e.g. '200MB'. The plan keeps the outputs worth the most "
+            "recompute FLOPs per byte within it. Use it where the training state, not the activations, sets "
+            "the peak (a peak budget then lets the plan keep everything). Below the decoder-layer inputs of "
+            "a batch it is refused with that minimum."
+        },
+    )
     bwsk_report_dir: str | None = field(
         default=None,
         metadata={"help": "Where the S/K + CALM report JSON is written (default: output_dir)."},
@@ -85,6 +95,12 @@ class BWSKTrainingArguments(TrainingArguments):
                     "bwsk_memory_budget='auto' reads a CUDA device's free memory and this run has none: "
                     "pass a size instead, e.g. bwsk_memory_budget='8GB'"
                 )
+        if self.bwsk_activation_budget is not None:
+            if self.bwsk_mode != "reversible":
+                raise BWSKError("bwsk_activation_budget only applies to bwsk_mode='reversible': set the mode or drop it")
+            if self.bwsk_memory_budget is not None:
+                raise BWSKError("bwsk_memory_budget and bwsk_activation_budget would each choose the plan: set only one")
+            parse_byte_size(self.bwsk_activation_budget)
         # transformers 5.17 knows only the older name, gradient_checkpointing.
         checkpointing = getattr(self, "activation_checkpointing", None) or self.gradient_checkpointing
         if self.bwsk_mode == "reversible" and checkpointing:
@@ -107,3 +123,8 @@ class BWSKTrainingArguments(TrainingArguments):
         if self.bwsk_memory_budget == AUTO_BUDGET:
             return auto_peak_budget(self.device)
         return parse_byte_size(self.bwsk_memory_budget)
+
+    @property
+    def bwsk_activation_budget_bytes(self) -> int | None:
+        """`bwsk_activation_budget` in bytes (None when unset)."""
+        return None if self.bwsk_activation_budget is None else parse_byte_size(self.bwsk_activation_budget)

@@ -203,7 +203,7 @@ class BWSKCallback(TrainerCallback):
             "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
             "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
             "adam_epsilon", "max_grad_norm", "optim", "fp16", "bf16", "world_size",
-            "bwsk_loss_chunk_size", "bwsk_memory_budget",
+            "bwsk_loss_chunk_size", "bwsk_memory_budget", "bwsk_activation_budget",
         )
         found = {name: getattr(args, name) for name in names if hasattr(args, name)}
         found = {name: value if isinstance(value, (int, float, str, bool, type(None))) else str(value)

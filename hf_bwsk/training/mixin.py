@@ -65,6 +65,7 @@ class BWSKMixin:
                 loss="fused" if self._computes_hf_loss() else "model",
                 loss_chunk_size=self.args.bwsk_loss_chunk_size,
                 memory_budget_bytes=self.args.bwsk_memory_budget_bytes,
+                activation_budget_bytes=self.args.bwsk_activation_budget_bytes,
             )
 
     def _computes_hf_loss(self) -> bool:
