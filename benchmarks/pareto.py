@@ -15,8 +15,8 @@ Modes: conventional; HF activation checkpointing of every layer and of every 2nd
 checkpointing + our fused loss (what TRL and Liger do by default); torch selective checkpointing
 saving matmul/attention outputs; bwsk reversible (default plan); bwsk with whole-step peak budgets
 spread between its least peak and its default plan's; bwsk with activation budgets (bytes the layers
-keep) spread between the layer inputs and the default plan's, the plans a peak budget cannot choose
-where the training state sets the peak.
+keep) spread from the layer inputs through the default plan's to every matmul output's, the plans a
+peak budget cannot choose where the training state sets the peak.
 
     python benchmarks/pareto.py run --shape pythia-70m --out /tmp/pythia.json [--modes ...]
     python benchmarks/pareto.py report /tmp/pythia.json /tmp/mamba.json ... [--png docs/pareto.png]
@@ -51,8 +51,9 @@ BASELINES = ("conventional", "hf_checkpointing", "hf_checkpointing_every_2", "hf
              "torch_selective_save_matmuls")
 # bwsk budgets between the least peak (0) and the default plan's (1); 3 lets the plan keep every matmul output.
 BUDGET_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 3.0)
-# bwsk activation budgets between the layer inputs (0) and the default plan's kept bytes (1).
-ACTIVATION_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
+# bwsk activation budgets: from the layer inputs (0) to the default plan's kept bytes (1), and on from there
+# towards keeping every matmul output (2).
+ACTIVATION_FRACTIONS = (0.0, 0.5, 0.75, 1.15, 1.4)
 # `torch.compile` rows: "torch_compile_budget_<activation_memory_budget>" (see compile_budget.py).
 COMPILE_PREFIX = "torch_compile_budget_"
 COMPILE_BUDGETS = (0.1, 0.3, 0.5, 1.0)
@@ -170,7 +171,8 @@ def measure(shape: str, mode: str, budget: int | None = None, activations: int |
         row["reversible"] = {key: status.get(key) for key in (
             "status", "loss_chunk_size", "predicted_peak_bytes", "minimum_peak_bytes", "training_state_bytes")}
         row["reversible"]["plan"] = {key: status["plan"][key] for key in (
-            "kept_bytes_estimate", "minimum_bytes", "recompute_flops_fraction")} if "plan" in status else None
+            "kept_bytes_estimate", "minimum_bytes", "keep_all_matmuls_bytes", "recompute_flops_fraction")
+        } if "plan" in status else None
     return row
 
 
@@ -205,8 +207,8 @@ def run(shape: str, modes: list[str], out: str, fractions: tuple[float, ...] = B
             continue
         if mode == "bwsk_activation_budgets":
             plan = next(row for row in rows if row["mode"] == "bwsk_reversible")["reversible"]["plan"]
-            low, high = plan["minimum_bytes"], plan["kept_bytes_estimate"]
-            for activations in dict.fromkeys(int(low + fraction * (high - low)) for fraction in ACTIVATION_FRACTIONS):
+            points = (plan["minimum_bytes"], plan["kept_bytes_estimate"], plan["keep_all_matmuls_bytes"])
+            for activations in dict.fromkeys(_along(points, fraction) for fraction in ACTIVATION_FRACTIONS):
                 rows.append(measure(shape, f"bwsk_activations_{activations / _MB:.1f}MiB", activations=activations))
                 print(json.dumps(rows[-1]), flush=True)
             continue
@@ -217,6 +219,13 @@ def run(shape: str, modes: list[str], out: str, fractions: tuple[float, ...] = B
               **provenance(), "rows": rows}
     with open(out, "w", encoding="utf-8") as file:
         json.dump(result, file, indent=2)
+
+
+def _along(points: tuple[int, ...], fraction: float) -> int:
+    """The point ``fraction`` of the way along the polyline ``points`` (1 per segment)."""
+    segment = min(int(fraction), len(points) - 2)
+    start, end = points[segment], points[segment + 1]
+    return int(start + (fraction - segment) * (end - start))
 
 
 def main() -> None:
