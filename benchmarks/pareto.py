@@ -53,7 +53,7 @@ BASELINES = ("conventional", "hf_checkpointing", "hf_checkpointing_every_2", "hf
 BUDGET_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 3.0)
 # bwsk activation budgets: from the layer inputs (0) to the default plan's kept bytes (1), and on from there
 # towards keeping every matmul output (2).
-ACTIVATION_FRACTIONS = (0.0, 0.5, 0.75, 1.15, 1.4)
+ACTIVATION_FRACTIONS = (0.0, 0.5, 0.75, 0.95, 1.15, 1.4, 1.65)
 # `torch.compile` rows: "torch_compile_budget_<activation_memory_budget>" (see compile_budget.py).
 COMPILE_PREFIX = "torch_compile_budget_"
 COMPILE_BUDGETS = (0.1, 0.3, 0.5, 1.0)
