@@ -135,7 +135,10 @@ class _ReplayedKernel(torch.autograd.Function):
     """A kept attention kernel in the recompute: its cached result, saving the forward's saved tensors in order.
 
     As `scoped._RecomputedLinear`: this graph is discarded, never differentiated; the saves are what the
-    checkpoint hands to the forward's own kernel node in backward.
+    checkpoint hands to the forward's own kernel node in backward. Its output requires grad when a saved
+    tensor does, as `F.scaled_dot_product_attention`'s did: every sdpa backend saves query, key and
+    value, the arguments that carry grad, so the ops after it save in the recompute what they saved in
+    the forward.
     """
 
     @staticmethod

@@ -173,7 +173,9 @@ class _RecomputedLinear(torch.autograd.Function):
 
     The forward ran `F.linear` itself (native autograd, native backward); the recompute only has to
     hand the checkpoint the same saved tensors in the same order (`_linear_layout`), which backward
-    then unpacks into the forward's graph. This graph is discarded, never differentiated.
+    then unpacks into the forward's graph. This graph is discarded, never differentiated. Input and
+    weight are its inputs, whichever of them is saved: the output requires grad as `F.linear`'s did, so
+    the ops after it save in the recompute what they saved in the forward.
     """
 
     @staticmethod
@@ -353,8 +355,9 @@ class ScopedExecution(PlanDecisions):
                 module.forward = self._linear_forward(module, path, op, module.forward)
             for path in scopes.attention.get(index, ()):
                 module = layer.get_submodule(path)
-                self._attention[module] = (path, _attention_function(module) in _KERNEL_CALL_IMPLEMENTATIONS)
-                _wrap_attention_function(_attention_function(module))
+                implementation = _attention_function(module)
+                self._attention[module] = (path, implementation in _KERNEL_CALL_IMPLEMENTATIONS)
+                _wrap_attention_function(implementation)
                 _ATTENTION_SCOPES[module] = self
             for scope in scopes.modules.get(index, ()):
                 module = layer.get_submodule(scope)
@@ -477,9 +480,9 @@ class ScopedExecution(PlanDecisions):
         if not self._calls or self._stack:  # not checkpointed now, or already inside a scope
             return original(module, *args, **kwargs)
         call = self._calls[-1]
-        self._stack.append(self._attention[module][0])
+        path, kernel_call = self._attention[module]
+        self._stack.append(path)
         try:
-            path, kernel_call = self._attention[module]
             if kernel_call:
                 with KernelCall(call, self._open, self._close, path):
                     return original(module, *args, **kwargs)
