@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
+from process_group import leave_process_group  # noqa: E402
 from tiny_models import tiny_batch, tiny_model  # noqa: E402
 
 from hf_bwsk.training.args import BWSKTrainingArguments  # noqa: E402
@@ -70,9 +71,7 @@ def main():
     if results["reversible"]["is_main"]:
         Path(result_path).write_text(json.dumps(results, default=str), encoding="utf-8")
 
-    # Leave gloo's threads joined before the interpreter exits (else an occasional abort at exit).
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ mode's fused loss cannot use: it keeps the model's own loss, not crash), with th
 (averaged over ranks) and the full first-step gradients (gathered from the shards).
 """
 
-import gc
 import json
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
+from process_group import leave_process_group  # noqa: E402
 from tiny_models import tiny_batch, tiny_model  # noqa: E402
 
 from hf_bwsk.analysis import find_decoder_layers  # noqa: E402
@@ -76,13 +76,7 @@ def main():
     if accelerator.is_main_process:
         Path(result_path).write_text(json.dumps(results, default=str), encoding="utf-8")
 
-    # The sharded models hold the process group through their device meshes, in reference cycles: collect
-    # them now, so that destroying the group joins gloo's worker threads while the interpreter is alive.
-    # Left to the interpreter's exit, a worker still freeing a collective's tensors takes the GIL during
-    # finalization and aborts the process (seen in about one run in three).
-    gc.collect()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -136,8 +136,9 @@ for mode in ("conventional", "reversible"):
 losses["status"] = trainer.reversible_mode.status()["status"]
 if trainer.is_world_process_zero():
     json.dump(losses, open(sys.argv[2], "w"))
-import torch  # gloo's threads joined before the interpreter exits (else an occasional abort at exit)
-torch.distributed.destroy_process_group()
+del trainer  # it holds the process group through DDP's reducer
+from process_group import leave_process_group
+leave_process_group()
 """
 
 
