@@ -11,6 +11,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from hf_bwsk.memory.checkpointing import enable_checkpointing
 from hf_bwsk.memory.loss import fused_linear_cross_entropy
 from hf_bwsk.memory.measure import (
     LiveStorageTracker,
@@ -61,7 +62,7 @@ def test_deterministic_and_activation_checkpointing_keeps_less():
     first = bytes_kept_for_backward(lambda: model(**batch).loss)
     second = bytes_kept_for_backward(lambda: model(**batch).loss)
     assert first == second
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model, {"use_reentrant": False})  # the name this transformers has
     checkpointed = bytes_kept_for_backward(lambda: model(**batch).loss)
     assert checkpointed.activation_bytes < 0.5 * first.activation_bytes, (checkpointed, first)
 
@@ -110,7 +111,7 @@ def test_flops_see_recompute_and_the_fused_loss_skips_only_ignored_positions():
     fused = count_train_flops(lambda: fused_forward(model, batch).backward())
     # The head costs 3 matmuls per token; the fused loss skips the last position of each sequence.
     assert stock - fused == 3 * 2 * batch_size * hidden_size * vocab
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model, {"use_reentrant": False})  # the name this transformers has
     assert count_train_flops(lambda: model(**batch).loss.backward()) > stock
 
 
