@@ -10,7 +10,7 @@ backend makes the same decisions as inductor (its decompositions, the min-cut pa
 * kept bytes: the backward graph's saved inputs (every placeholder that is neither a tangent nor a
   forward input, i.e. not a weight or the batch), summed over the compiled graphs;
 * FLOPs: `torch.utils.flop_counter` over the forward and backward graphs as they run, recompute
-  included.
+  included, attention by `hf_bwsk.analysis.attention_flops` (as `count_train_flops` counts eager steps).
 
 Inductor's fusion changes transients, not what is saved: the whole-step peak of a compiled step is
 not measured here (on CUDA, `torch.cuda.max_memory_allocated` would give it).
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from hf_bwsk.analysis.attention_flops import ATTENTION_FLOP_FORMULAS
 
 
 @dataclass
@@ -41,7 +43,7 @@ class PartitionCounts:
 
         def run(*args):
             # A fresh counter per call: entering one clears its counts.
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOP_FORMULAS) as counter:
                 outputs = graph(*args)
             self.flops += counter.get_total_flops()
             return outputs

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ["conventional", "hf_checkpointing", "hf_checkpointing_fused_loss", "bwsk_reversible", "bwsk_reversible_budget"]
 
 
-def run_python(args, **kwargs):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+def run_python(args, extra_path=None, **kwargs):
+    paths = [str(extra_path) if extra_path else None, str(ROOT), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
 
 
@@ -42,11 +43,17 @@ def test_gpu_command_without_cuda_or_cpu_flag_names_the_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_command_runs_its_logic_on_cpu(tmp_path):
+def test_gpu_command_runs_its_logic_on_cpu_without_datasets_evaluate_matplotlib(tmp_path):
+    # As on the GPU machine, which has none of them: a sitecustomize on the path makes importing them fail
+    # in this process and in the pytest subprocess that runs the CUDA tests.
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nsys.modules.update(dict.fromkeys(('datasets', 'evaluate', 'matplotlib')))\n")
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n\nEarlier rows stay.\n")
     result = run_python(["benchmarks/gpu.py", "--cpu", "--out", str(tmp_path), "--steps", "1",
-                         "--benchmarks", str(markdown)], timeout=900)
+                         "--benchmarks", str(markdown)], timeout=900, extra_path=blocker)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_benchmark.json").read_text())
 

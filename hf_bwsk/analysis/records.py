@@ -13,8 +13,8 @@ class OpRecord:
     loss); ``layer`` is its index in the decoder-layer list and ``path_in_layer`` the module path
     relative to that layer ("" for the layer itself), both None outside the layers.
     ``output_bytes`` counts newly allocated outputs only (views and in-place results are 0).
-    ``flops`` uses torch.utils.flop_counter's formulas (matmuls, convolutions, attention; 0 for
-    element-wise ops). ``data_path`` is True when the op consumes a tensor derived from the input
+    ``flops`` uses torch.utils.flop_counter's formulas for matmuls and convolutions and ours for
+    attention (`attention_flops`); 0 for element-wise ops. ``data_path`` is True when the op consumes a tensor derived from the input
     ids; the others (masks, rotary tables, positions) are auxiliary and stay out of the ratios.
     ``mixes`` lists the axes ("batch", "sequence", "hidden") the op reduces, contracts or mixes;
     it is filled when the traced sizes identify the axes (see `SKReport.axis_sizes`).

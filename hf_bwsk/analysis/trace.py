@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, shape_wrapper
 
+from .._compat import TorchDispatchMode, op_packet, op_schema, view_base
 from ..errors import BWSKError
+from .attention_flops import ATTENTION_FLOP_FORMULAS
 from .axes import AxisSizes
 from .meta_shortcuts import MetaPointwise, matmul_applies, run_matmul
 from .mixing import NONE, mixed_axes
@@ -41,14 +42,15 @@ ACTIVATION, RANDOM = 1, 2
 
 _aten = torch.ops.aten
 _ITEM = _aten._local_scalar_dense.default
-# The fused CPU attention kernel has no formula of its own; it computes what the flash one does.
-_EXTRA_FLOPS = {_aten._scaled_dot_product_flash_attention_for_cpu: _aten._scaled_dot_product_flash_attention}
 
 
 def flop_formula(func):
-    """torch.utils.flop_counter's FLOP formula for an aten overload, or None for ops it counts as free."""
-    packet = func._overloadpacket
-    return flop_registry.get(_EXTRA_FLOPS.get(packet, packet))
+    """The FLOP formula of an aten overload, as torch.utils.flop_counter's registry holds them (called with
+    the op's arguments and ``out_val``), or None for ops counted as free. Attention ops get ours
+    (`attention_flops`), every other op torch's."""
+    packet = op_packet(func)
+    ours = ATTENTION_FLOP_FORMULAS.get(packet)
+    return shape_wrapper(ours) if ours is not None else flop_registry.get(packet)
 
 
 def _origin(value) -> int:
@@ -94,8 +96,8 @@ class _OpInfo:
 
     @classmethod
     def of(cls, func) -> _OpInfo:
-        schema = func._schema
-        packet = func._overloadpacket
+        schema = op_schema(func)
+        packet = op_packet(func)
         name = packet.__name__
         first = schema.arguments[0] if schema.arguments else None
         # _unsafe_view is a view whose schema hides the alias (for autograd's sake).
@@ -248,7 +250,8 @@ class OpTracer(TorchDispatchMode):
         targets = list(outputs)
         if info.mutates_first and isinstance(args[0], torch.Tensor):
             # An in-place write marks the written tensor and the base it views into.
-            written = [args[0]] if args[0]._base is None else [args[0], args[0]._base]
+            base = view_base(args[0])
+            written = [args[0]] if base is None else [args[0], base]
             targets += written
             self.marked_in_place += [weakref.ref(tensor) for tensor in written]
         for tensor in targets:

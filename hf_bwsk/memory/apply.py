@@ -39,6 +39,7 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutput
 
+from .._compat import has_input_require_grads_hook
 from ..analysis import find_decoder_layers
 from ..errors import BWSKError
 from .budget import (
@@ -174,6 +175,7 @@ class ReversibleMode:
         self._had_input_grad_hooks = False
         self._checkpointing = False
         self._active = False
+        self._execution_reason: str | None = None
 
     def status(self) -> dict[str, Any]:
         """`{"status": "pending"|"active", "reason", "loss", "plan", ...}` for results files."""
@@ -280,6 +282,7 @@ class ReversibleMode:
             "loss_chunk_size": (self.loss_chunk_size or "auto") if fused else None,
             "plan": None if plan is None else plan.summary(),
             "execution": None if self.policy is None else self.policy.execution,
+            "execution_reason": self._execution_reason,
             **self._peak_prediction,
             # Live: the policy counts as training runs, so results files written at the end hold the totals.
             "plan_fidelity": None if self.policy is None else self.policy.fidelity,
@@ -297,7 +300,7 @@ class ReversibleMode:
                 stacklevel=3,
             )
             disable_checkpointing(model)
-        self._had_input_grad_hooks = bool(getattr(model, "_require_grads_hooks", None))
+        self._had_input_grad_hooks = has_input_require_grads_hook(model)
         trace = trace_layers(model, self.layers_path, self.layers, batch)
         # Inside the training forward, autocast caches the trace's weight casts; the layers' forward would
         # then skip casts that their recompute in backward performs, and selective checkpointing's op
@@ -311,10 +314,7 @@ class ReversibleMode:
         plan = functools.partial(plan_recompute, trace.records, trace.layer_input_bytes, kept_budget,
                                  batch_size=trace.batch_size, hidden_size=trace.hidden_size)
         self.plan = plan()
-        scopes = None if compiling or self.execution == "per_op" else scopes_of(self.plan, self.layers)
-        if scopes is None and self.execution == "scoped":
-            raise BWSKError("execution='scoped' cannot run this plan (a kept op runs in a decoder layer's own "
-                            "forward, or the forward is compiled): use execution='auto' or 'per_op'")
+        scopes, self._execution_reason = self._scopes(compiling)
         if scopes is None:  # torch's per-op selective checkpointing keeps or recomputes: no skipped ops
             self.plan = plan(skip_unread=False)
         self._peak_prediction = {
@@ -329,9 +329,25 @@ class ReversibleMode:
             self.policy = SelectivePolicy(self.plan, self._tracker)
         else:
             self.policy = ScopedExecution(self.plan, self.layers, scopes)
-        enable_checkpointing(model, {"use_reentrant": False, "context_fn": self.policy})
+        enable_checkpointing(model, {"use_reentrant": False, "context_fn": self.policy.context_fn})
         self._checkpointing = True
         return self.plan
+
+    def _scopes(self, compiling: bool):
+        """Where the plan runs scoped (`scopes_of`), or None and why it runs per-op."""
+        if self.execution == "per_op":
+            return None, "asked for (execution='per_op')"
+        if compiling:
+            reason = "the forward is compiled (torch.compile), and dynamo traces only per-op selective checkpointing"
+        else:
+            scopes = scopes_of(self.plan, self.layers)
+            if scopes is not None:
+                return scopes, None
+            reason = "the plan keeps an op that a decoder layer runs in its own forward, outside any submodule"
+        if self.execution == "scoped":
+            raise BWSKError(f"execution='scoped' cannot run this plan ({reason}): use execution='auto' or 'per_op'")
+        warnings.warn(f"bwsk reversible mode runs its plan per-op, not scoped: {reason}", UserWarning, stacklevel=4)
+        return None, reason
 
     def _step_shape(self, trace, batch: dict[str, Any], optimizer) -> StepShape:
         head_weight = self.model.get_output_embeddings().weight

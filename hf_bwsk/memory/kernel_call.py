@@ -21,12 +21,8 @@ from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
-try:  # as in scoped.py: selective checkpointing's internals (torch 2.13 has them)
-    from torch.utils.checkpoint import _detach_helper, _VersionWrapper
-except ImportError:
-    _detach_helper = _VersionWrapper = None
+from .._compat import CachedTensor, checkpoint_saved_tensor_hooks, detach_for_cache, tree_leaves
 
 
 class KernelCall(TorchFunctionMode):
@@ -65,7 +61,7 @@ class KernelCall(TorchFunctionMode):
 
     def _record(self, func, args, kwargs, key):
         """The forward: the kernel in the dispatch mode; its saved tensors noted on their way to the checkpoint."""
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        hooks = checkpoint_saved_tensor_hooks()
         if hooks is None:  # no checkpoint hook to hand on to: nothing to replay either
             return self._in_mode(func, args, kwargs)
         pack, unpack = hooks
@@ -87,7 +83,7 @@ class KernelCall(TorchFunctionMode):
         if layout is not None and isinstance(result, torch.Tensor):
             counted = {name: count - counts_before.get(name, 0) for name, count in counts.items()
                        if count != counts_before.get(name, 0)}
-            storage[key] = (_VersionWrapper(_detach_helper(result)), layout, stored, counted)
+            storage[key] = (CachedTensor(detach_for_cache(result)), layout, stored, counted)
         return result
 
     def _replay(self, entry, arguments: list[torch.Tensor]):
@@ -118,7 +114,7 @@ def _signature(tensor: torch.Tensor) -> tuple:
 def _layout(saved: list[tuple], arguments: list[torch.Tensor], outputs: list) -> tuple | None:
     """Each saved tensor (its `_signature`) as ``("argument", i)`` or ``("output", j)``; None when one is neither."""
     arguments = [_signature(argument) for argument in arguments]
-    outputs = [_signature(output.val) if isinstance(output, _VersionWrapper) and isinstance(output.val, torch.Tensor)
+    outputs = [_signature(output.val) if isinstance(output, CachedTensor) and isinstance(output.val, torch.Tensor)
                else None for output in outputs]
     layout = []
     for signature in saved:

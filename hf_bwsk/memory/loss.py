@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._compat import autograd_function_of
 from ..errors import BWSKError
 
 # A chunk's fp32 logits hold at most this many elements per element of the batch's hidden states.
@@ -58,7 +59,7 @@ def head_grad_buffers(loss) -> list[torch.Tensor]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if getattr(node, "_forward_cls", None) is _FusedLinearCrossEntropy:
+        if autograd_function_of(node) is _FusedLinearCrossEntropy:
             buffers.extend(grad for grad in (node.grads or (None,))[1:] if grad is not None)
         pending.extend(next_node for next_node, _ in node.next_functions)
     return buffers

@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._compat import StorageWeakRef, TorchDispatchMode, tree_leaves
+from ..analysis.attention_flops import ATTENTION_FLOP_FORMULAS
 from .loss import head_grad_buffers
 from .step_peak import (
     StepPeak,
@@ -133,8 +132,9 @@ def bytes_kept_for_backward(fn: Callable[[], Any]) -> MemoryMeasurement:
 
 
 def count_train_flops(fn: Callable[[], Any]) -> int:
-    """Matmul/attention FLOPs of ``fn()`` (a forward and its backward), recompute included."""
-    with FlopCounterMode(display=False) as counter:
+    """Matmul/attention FLOPs of ``fn()`` (a forward and its backward), recompute included; attention
+    by our formulas (`attention_flops`: torch's reject grouped-query attention on torch 2.11)."""
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOP_FORMULAS) as counter:
         fn()
     return counter.get_total_flops()
 

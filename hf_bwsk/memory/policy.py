@@ -116,6 +116,17 @@ class PlanDecisions:
         self._warned: set[str] = set()
         self.plan = plan
 
+        def context_fn():
+            return self.layer_contexts()
+
+        # What `torch.utils.checkpoint` is handed: a plain function, the one kind of `context_fn` (beside a
+        # partial of constants) that dynamo traces under `torch.compile` on torch 2.11-2.14.
+        self.context_fn = context_fn
+
+    def layer_contexts(self) -> tuple:
+        """The (forward, recompute) context managers of one checkpointed layer call."""
+        raise NotImplementedError
+
     @property
     def plan(self) -> RecomputePlan:
         return self._plan
@@ -171,7 +182,7 @@ class SelectivePolicy(PlanDecisions):
         super().__init__(plan)
         self.tracker = tracker
 
-    def __call__(self):
+    def layer_contexts(self) -> tuple:
         return create_selective_checkpoint_contexts(self.layer_policy())
 
     def layer_policy(self):

@@ -34,7 +34,7 @@ its forward caches only its output's layout, and the recompute hands back a zero
   every op at a path inside a scope runs while the scope runs, so occurrences per (path, op) within
   a layer call are the planner's.
 
-`context_fn` (this object called) returns two plain context managers that open a fresh cache per
+`context_fn` (`layer_contexts`) returns two plain context managers that open a fresh cache per
 layer call and mark forward or recompute; one pre-hook per layer records the layer's index. Plan
 fidelity counts hits (planned ops seen in scopes: all kept ops, and the recomputed ones inside
 scopes) and misses (an expensive op in a scope that the plan lacks, or a kept op the forward of a
@@ -50,14 +50,17 @@ from collections import Counter
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_map
-
-try:  # selective checkpointing's internals, which the module scopes reuse (torch 2.13 has them)
-    from torch.utils.checkpoint import SAC_IGNORED_OPS, _detach_helper, _VersionWrapper
-except ImportError:  # another torch: `scopes_of` says no, and the plan runs per-op
-    SAC_IGNORED_OPS = _detach_helper = _VersionWrapper = None
-
+from .._compat import (
+    IGNORED_BY_CHECKPOINT,
+    CachedTensor,
+    TorchDispatchMode,
+    attention_implementation,
+    detach_for_cache,
+    local_attention_function,
+    outside_dispatch_modes,
+    tensor_version,
+    tree_map,
+)
 from ..analysis import op_names
 from .kernel_call import KernelCall
 from .plan import OpKey, RecomputePlan
@@ -84,7 +87,7 @@ def _attention_function(module: torch.nn.Module) -> str | None:
     """The registered transformers attention implementation ``module`` calls (None: eager or unknown)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    name = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    name = attention_implementation(getattr(module, "config", None))
     return name if name is not None and name != "eager" and name in ALL_ATTENTION_FUNCTIONS else None
 
 
@@ -96,11 +99,8 @@ def scopes_of(plan: RecomputePlan, layers: torch.nn.ModuleList) -> Scopes | None
     which calls a registered transformers attention function, is scoped to that call only: its other
     ops are views and rotary arithmetic, recomputed anyway, and its attention kernels run nowhere
     else, so their occurrences are the planner's. A plan cannot be scoped when it keeps an op run by
-    a layer module itself (path ''), or one whose path names no submodule of its layer, and on a
-    torch without the selective-checkpoint internals the scopes reuse.
+    a layer module itself (path ''), or one whose path names no submodule of its layer.
     """
-    if _VersionWrapper is None:
-        return None
     paths: dict[int, set[str]] = {}
     for key in plan.keep | plan.skip - plan.unreached:  # the recompute stops before an unreached op
         if key.path == "" or not 0 <= key.layer < len(layers):
@@ -151,7 +151,7 @@ def _linear_layout(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     probe_w = probe((3, 2), dtype=weight.dtype).requires_grad_(weight.requires_grad)
     probe_b = None if bias is None else probe(3, dtype=bias.dtype).requires_grad_(bias.requires_grad)
     saved = []
-    with (_disable_current_modes(), torch.enable_grad(),
+    with (outside_dispatch_modes(), torch.enable_grad(),
           torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)):
         torch.nn.functional.linear(probe_x, probe_w, probe_b)
     views = {"x": probe_x, "x2d": probe_x.reshape(-1, 2), "w": probe_w, "wt": probe_w.t()}
@@ -215,7 +215,7 @@ def _wrap_attention_function(name: str) -> None:
             return original(module, *args, **kwargs)
         return execution._attention_call(original, module, args, kwargs)
 
-    _WRAPPED[name] = [ALL_ATTENTION_FUNCTIONS._local_mapping.get(name), 1]
+    _WRAPPED[name] = [local_attention_function(name), 1]
     ALL_ATTENTION_FUNCTIONS[name] = attention
 
 
@@ -260,10 +260,10 @@ class _Record(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func not in SAC_IGNORED_OPS:
+        if func not in IGNORED_BY_CHECKPOINT:
             decision = self.execution._keep(self.call, func)
             if decision:
-                keep = _Unwritten if decision is SKIP else lambda x: _VersionWrapper(_detach_helper(x))
+                keep = _Unwritten if decision is SKIP else lambda x: CachedTensor(detach_for_cache(x))
                 self.call.storage[func, self.call.counts.get(func, 1) - 1] = tree_map(keep, out)
         return out
 
@@ -276,7 +276,7 @@ class _Replay(TorchDispatchMode):
         self.call = call
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func not in SAC_IGNORED_OPS:
+        if func not in IGNORED_BY_CHECKPOINT:
             counts = self.call.counts
             index = counts.get(func, 0)
             counts[func] = index + 1
@@ -327,7 +327,7 @@ class _Context:
 
 
 class ScopedExecution(PlanDecisions):
-    """`context_fn` for `torch.utils.checkpoint` that applies ``plan`` inside its scopes only (module docstring).
+    """The `context_fn` of `torch.utils.checkpoint` that applies ``plan`` inside its scopes only (module docstring).
 
     Same surface as `SelectivePolicy`: ``plan`` (settable to a plan with the same scopes), the live
     ``fidelity`` dict and the optional ``decisions`` dict of forward decisions by key (ops in scopes).
@@ -382,7 +382,7 @@ class ScopedExecution(PlanDecisions):
             return True
         return any(key.path == scope or key.path.startswith(scope + ".") for scope in self.scopes.modules.get(key.layer, ()))
 
-    def __call__(self):
+    def layer_contexts(self) -> tuple:
         call = _LayerCall()
         return _Context(self, call, False), _Context(self, call, True)
 
@@ -461,7 +461,7 @@ class ScopedExecution(PlanDecisions):
                 entry = call.storage.pop((module, occurrence), None)
                 if entry is not None and entry[1] is None:  # skipped: nothing backward needs reads its value
                     return _RecomputedLinear.apply(x, weight, entry[0].get_val(False), layout)
-                if entry is not None and entry[0]._version == entry[1]:
+                if entry is not None and tensor_version(entry[0]) == entry[1]:
                     return _RecomputedLinear.apply(x, weight, entry[0], layout)
                 return original(x)  # not kept, or its output was modified in place since
             out = original(x)
@@ -470,7 +470,7 @@ class ScopedExecution(PlanDecisions):
                 call.storage[module, occurrence] = (_Unwritten(out), None)
             elif decision:
                 cached = out.detach()
-                call.storage[module, occurrence] = (cached, cached._version)
+                call.storage[module, occurrence] = (cached, tensor_version(cached))
             return out
 
         return forward

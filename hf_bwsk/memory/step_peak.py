@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from .._compat import StorageWeakRef, TorchDispatchMode, in_backward, tree_leaves
 
 PHASES = ("forward", "backward", "after_backward")
 
@@ -101,15 +100,15 @@ class StepPeakTracker(TorchDispatchMode):
         return sum(self._live[cdata][1] for cdata in storage_ids if cdata in self._live)
 
     def _record(self, op: str) -> None:
-        in_backward = torch._C._current_graph_task_id() != -1
-        self._backward_seen = self._backward_seen or in_backward
+        backward = in_backward()
+        self._backward_seen = self._backward_seen or backward
         if self._live_bytes > self.peak_bytes:
             self.peak_bytes = self._live_bytes
             # The copy keeps the weak references: while it lives no later storage can take these addresses,
             # so the storages at the peak can be told apart at the end of the step.
             self.peak_storages = dict(self._live)
             self.peak_op = op
-            self.peak_phase = "backward" if in_backward else "after_backward" if self._backward_seen else "forward"
+            self.peak_phase = "backward" if backward else "after_backward" if self._backward_seen else "forward"
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
