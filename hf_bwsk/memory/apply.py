@@ -112,6 +112,9 @@ class ReversibleMode:
             selective-checkpoint dispatch mode over the whole layer: `policy.py`), or `"auto"` (scoped
             where the plan can be scoped and the forward is not compiled, else per-op). The status says
             which ran.
+        compiled: the training forward will run under `torch.compile` (``Trainer``'s ``torch_compile``), so
+            the plan runs per-op. Also detected when the first training forward is traced by dynamo, but a
+            graph break before it (a dispatch mode entered in a hook) can hide that.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class ReversibleMode:
         memory_budget_bytes: int | None = None,
         activation_budget_bytes: int | None = None,
         execution: str = "auto",
+        compiled: bool = False,
     ):
         if execution not in EXECUTIONS:
             raise BWSKError(f"unknown execution {execution!r} for the reversible mode: choose one of "
@@ -158,6 +162,7 @@ class ReversibleMode:
         self.activation_budget_bytes = activation_budget_bytes
         self.layer_policy = layer_policy
         self.execution = execution
+        self.compiled = compiled
         self.loss, self.loss_reason = loss, None if loss == "fused" else "asked for the model's own loss"
         if loss == "fused":
             self._check_head()
@@ -221,7 +226,8 @@ class ReversibleMode:
         def forward(self_model, *args, labels=None, **kwargs):
             if mode._pending and self_model.training:
                 # Traced once when compiled: scoped execution's hooks and plain contexts do not compile.
-                mode._setup_eagerly(_batch_of(args, labels, kwargs), compiling=torch.compiler.is_compiling())
+                compiling = mode.compiled or torch.compiler.is_compiling()
+                mode._setup_eagerly(_batch_of(args, labels, kwargs), compiling=compiling)
             if mode.loss == "fused" and mode._active and self_model.training and labels is not None:
                 return mode._fused_forward(self_model, args, labels, kwargs)
             return previous(*args, labels=labels, **kwargs)

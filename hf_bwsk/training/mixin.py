@@ -66,6 +66,7 @@ class BWSKMixin:
                 loss_chunk_size=self.args.bwsk_loss_chunk_size,
                 memory_budget_bytes=self.args.bwsk_memory_budget_bytes,
                 activation_budget_bytes=self.args.bwsk_activation_budget_bytes,
+                compiled=self.args.torch_compile,
             )
 
     def _computes_hf_loss(self) -> bool:
