@@ -32,6 +32,7 @@ import time
 import timeit
 
 import torch
+from hf_bwsk.memory.checkpointing import enable_checkpointing
 from provenance import ROOT, append_to_section, provenance
 
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
@@ -59,18 +60,17 @@ def prepare(mode: str, model, batch):
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     if mode == "hf_checkpointing":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, {"use_reentrant": False})
     elif mode == "torch_sac_keep_matmuls":
         context_fn = functools.partial(create_selective_checkpoint_contexts, _KEEP_MATMULS)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False,
-                                                                               "context_fn": context_fn})
+        enable_checkpointing(model, {"use_reentrant": False, "context_fn": context_fn})
     elif mode == "hf_checkpointing_fused_loss":
         from hf_bwsk.memory import ReversibleMode
 
         fused_loss = ReversibleMode(model, layer_policy=False)
         fused_loss.install_forward()
         fused_loss.setup(batch)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, {"use_reentrant": False})
     elif mode.startswith("bwsk_reversible"):
         from hf_bwsk.analysis import find_decoder_layers
         from hf_bwsk.memory import ReversibleMode

@@ -34,6 +34,7 @@ import time
 
 import torch
 from memory import _MATMUL_OPS, synthetic_batch
+from hf_bwsk.memory.checkpointing import enable_checkpointing
 from provenance import ROOT, provenance
 
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
@@ -93,17 +94,17 @@ def apply_mode(mode: str, model, batch: dict, optimizer, budget: int | None, act
 
     no_reentrant = {"use_reentrant": False}
     if mode == "hf_checkpointing":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+        enable_checkpointing(model, no_reentrant)
     elif mode == "hf_checkpointing_every_2":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant, every_n_layers=2)
     elif mode == "hf_checkpointing_fused_loss":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+        enable_checkpointing(model, no_reentrant)
         fused_loss_forward(model)
     elif mode == "torch_selective_save_matmuls":
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         context_fn = functools.partial(create_selective_checkpoint_contexts, _MATMUL_OPS)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={**no_reentrant, "context_fn": context_fn})
+        enable_checkpointing(model, {**no_reentrant, "context_fn": context_fn})
     elif mode.startswith("bwsk"):
         reversible = ReversibleMode(model, find_layers=find_decoder_layers, memory_budget_bytes=budget,
                                     activation_budget_bytes=activations)
