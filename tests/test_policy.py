@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils.checkpoint import CheckpointPolicy
 from grad_compare import assert_grads_close, assert_tensors_close
 from tiny_models import tiny_batch, tiny_model
 
@@ -160,6 +161,25 @@ def test_a_layer_without_its_index_warns_that_every_op_misses():
     forward = types.SimpleNamespace(is_recompute=False)
     with pytest.warns(UserWarning, match="no layer index"):
         policy(forward, torch.ops.aten.mm.default)  # an op run while no layer's pre-hook has run
+    tracker.remove()
+
+
+def test_a_recompute_outside_the_layer_s_hooks_gets_the_forward_s_decisions():
+    # transformers 5.23+ checkpoints a layer's forward, so its recompute runs without the layer's hooks
+    # (no layer index), and torch 2.11 asks the policy again there: the answers must be the forward's.
+    model = tiny_model("gpt_neox")
+    _, layers = find_decoder_layers(model)
+    tracker = LayerPathTracker(layers)
+    # A recomputed matmul: outside the plan (no layer index) the rule would keep it, as an unplanned expensive op.
+    recomputed = OpKey(1, "attention.dense", "aten.addmm.default", 0)
+    plan = dataclasses.replace(plan_recompute([], [0, 0]), recompute=frozenset({recomputed}))
+    policy = SelectivePolicy(plan, tracker).layer_policy()
+    addmm = torch.ops.aten.addmm.default
+    tracker.layer, tracker._stack[:] = 1, ["attention.dense"]
+    forward = policy(types.SimpleNamespace(is_recompute=False), addmm)
+    tracker.layer = None  # the layer's post-hook ran; its pre-hook does not run for the recompute
+    recompute = policy(types.SimpleNamespace(is_recompute=True), addmm)
+    assert forward == recompute == CheckpointPolicy.PREFER_RECOMPUTE, (forward, recompute)
     tracker.remove()
 
 

@@ -188,10 +188,19 @@ class SelectivePolicy(PlanDecisions):
     def layer_policy(self):
         """The per-op policy function of one layer call (torch's `policy_fn(ctx, func, *args, **kwargs)`)."""
         counts: dict[bool, dict] = {False: {}, True: {}}
+        # The layer index the forward ran in. The recompute of transformers 5.23+ (which checkpoints a
+        # layer's `forward`) runs outside the layer's own hooks, and torch 2.11 asks the policy again there.
+        forward_layer: list[int | None] = []
 
         def policy(ctx, func, *args, **kwargs):
             name, expensive = self._ops[func]
-            layer, path = self.tracker.layer, self.tracker.path
+            path = self.tracker.path
+            if ctx.is_recompute:
+                layer = forward_layer[0] if forward_layer else self.tracker.layer
+            else:
+                layer = self.tracker.layer
+                if not forward_layer:
+                    forward_layer.append(layer)
             if layer is None:
                 self._warn_once("layer", "bwsk reversible mode: a checkpointed op ran with no layer index (the "
                                 "decoder-layer hooks did not run), so every op misses the recompute plan")
