@@ -34,7 +34,8 @@ def train(accelerator, mode: str, arch: str, steps: int) -> dict:
     model.train()
     reversible = None
     if mode != "conventional":
-        reversible = ReversibleMode(model, find_layers=find_decoder_layers, loss_chunk_size=20)
+        execution = "per_op" if mode == "reversible_per_op" else "auto"
+        reversible = ReversibleMode(model, find_layers=find_decoder_layers, loss_chunk_size=20, execution=execution)
         reversible.install_forward()  # before sharding, as BWSKTrainer does before accelerate's prepare
     if mode == "reversible_own_head_unit":
         # torch's FSDP2 by hand: the layers, the head on its own (resharded after its call, so outside
@@ -70,7 +71,7 @@ def main():
     accelerator = Accelerator(cpu=True)
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launch's FSDP_* settings
     assert accelerator.state.fsdp_plugin.fsdp_version == 2, "launch with recipes/accelerate_configs/fsdp.yaml"
-    modes = ("conventional", "reversible", "reversible_own_head_unit")
+    modes = ("conventional", "reversible", "reversible_per_op", "reversible_own_head_unit")
     results = {mode: train(accelerator, mode, arch, steps) for mode in modes}
     results["world_size"] = accelerator.num_processes
     if accelerator.is_main_process:

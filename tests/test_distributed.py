@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import PreTrainedModel
 from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 from grad_compare import assert_tensors_close
 
@@ -67,6 +68,14 @@ def test_reversible_under_fsdp2_with_the_fsdp_config(tmp_path):
     for mode in ("conventional", "reversible"):
         assert (results[mode]["sharded"], results[mode]["layer_sharded"]) == ("FSDPGPTNeoXForCausalLM", "FSDPGPTNeoXLayer")
     assert_same_training(results)
+    # The per-op execution too (what torch.compile runs): its plan hit under FSDP2 on every torch.
+    assert results["reversible_per_op"]["status"]["execution"] == "per_op"
+    # Under transformers 5.17 (which checkpoints a layer's __call__) FSDP2's unshard runs inside the
+    # checkpoint, before the layer's own hooks: recomputed as plain checkpointing would, never kept.
+    fidelity = results["reversible_per_op"]["status"]["plan_fidelity"]
+    checkpoints_call = not hasattr(PreTrainedModel, "activation_checkpointing_enable")  # transformers 5.17
+    assert (fidelity["outside_layer"] > 0) == checkpoints_call, fidelity
+    assert_same_training({"conventional": results["conventional"], "reversible": results["reversible_per_op"]})
     # A head sharded in a unit of its own: the fused loss cannot read it, so the model's own loss trains it
     # (under the layer policy).
     own_head = results["reversible_own_head_unit"]

@@ -201,6 +201,7 @@ def test_unknown_ops_on_the_data_path_are_kept_and_known_cheap_ones_recomputed()
     assert known_cheap("aten.add.Tensor") and known_cheap("aten._softmax.default")
     assert not known_cheap("aten.mm.default") and not known_cheap("aten._scaled_dot_product_flash_attention_for_cpu.default")
     assert not known_cheap("flash_attn._flash_attn_forward.default") and not known_cheap("aten.no_such_op.default")
+    assert known_cheap("profiler._record_function_enter_new.default")
     # At run time, an unseen custom op counts as expensive: the default plan keeps it.
     assert plan.keeps(OpKey(1, "block", "flash_attn._flash_attn_forward.default", 0), expensive=not known_cheap(
         "flash_attn._flash_attn_forward.default"))

@@ -104,13 +104,14 @@ class PlanDecisions:
 
     ``plan`` (settable), looked up as one dict lookup per op by plain tuple (an OpKey hashes and
     compares as its tuple) giving True (keep), False (recompute) or `SKIP`; the per-overload op costs; the live ``fidelity`` counts shown in the
-    mode's status (``plan_hits``, ``plan_misses``, ``cheap_by_rule``, the ``first_misses``); the
+    mode's status (``plan_hits``, ``plan_misses``, ``cheap_by_rule``, ``outside_layer``, the ``first_misses``); the
     optional ``decisions`` dict of forward decisions by key (for tests; off by default as it grows
     with every step); and one warning per kind of trouble.
     """
 
     def __init__(self, plan: RecomputePlan):
-        self.fidelity: dict = {"plan_hits": 0, "plan_misses": 0, "cheap_by_rule": 0, "first_misses": []}
+        self.fidelity: dict = {"plan_hits": 0, "plan_misses": 0, "cheap_by_rule": 0, "outside_layer": 0,
+                               "first_misses": []}
         self.decisions: dict[OpKey, bool] | None = None
         self._ops = OpCosts()
         self._warned: set[str] = set()
@@ -164,15 +165,15 @@ class SelectivePolicy(PlanDecisions):
 
     The layer index and the module path of each op come from the tracker's hooks, read per op:
     transformers 5.23 checkpoints a layer's `forward` (its hooks have run when the checkpoint
-    starts), 5.17 its `__call__` (the hooks run inside the checkpoint). Occurrences are counted separately for
-    the forward and the recompute, so torch versions that ask the policy again while recomputing
-    get the same answers.
+    starts), 5.17 its `__call__` (the hooks run inside the checkpoint). A recompute that asks the policy
+    again (torch 2.11) gets the forward's answers, by op overload and call index (`layer_policy`).
 
     Plan fidelity: every forward decision is counted in ``fidelity`` (a live dict, shown in the
     mode's status): ``plan_hits`` (the plan held the op's key), ``plan_misses`` (an op that is not
-    known cheap and whose key the plan lacks: decided by `RecomputePlan.keeps`' rule) and
-    ``cheap_by_rule`` (known cheap ops outside the plan, recomputed). The first miss, and an op run
-    with no layer index, warn once. ``decisions``, when set to a dict, records every forward
+    known cheap and whose key the plan lacks: decided by `RecomputePlan.keeps`' rule),
+    ``cheap_by_rule`` (known cheap ops outside the plan, recomputed) and ``outside_layer`` (ops of the
+    checkpointed call before the layer's own pre-hook, as a wrapper's hook: recomputed). The first miss,
+    and a matmul run with no layer index, warn once. ``decisions``, when set to a dict, records every forward
     decision by key (for tests; off by default as it grows with every step).
     """
 
@@ -187,36 +188,49 @@ class SelectivePolicy(PlanDecisions):
 
     def layer_policy(self):
         """The per-op policy function of one layer call (torch's `policy_fn(ctx, func, *args, **kwargs)`)."""
-        counts: dict[bool, dict] = {False: {}, True: {}}
-        # The layer index the forward ran in. The recompute of transformers 5.23+ (which checkpoints a
-        # layer's `forward`) runs outside the layer's own hooks, and torch 2.11 asks the policy again there.
-        forward_layer: list[int | None] = []
+        occurrences: dict[tuple[str, str], int] = {}
+        # The forward's decisions per op overload, in call order. torch 2.11 asks the policy again while
+        # recomputing (2.13+ replays the forward's decisions by overload and call index itself): it gets
+        # the same answers by the same index, whatever runs around the layer then (transformers 5.23+
+        # recomputes outside the layer's hooks; FSDP2's unshard runs in the forward only).
+        forward_decisions: dict = {}
+        recompute_calls: dict = {}
 
         def policy(ctx, func, *args, **kwargs):
+            if ctx.is_recompute:
+                index = recompute_calls.get(func, 0)
+                recompute_calls[func] = index + 1
+                decided = forward_decisions.get(func, ())
+                keep = decided[index] if index < len(decided) else False
+                return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+            layer = self.tracker.layer
+            if layer is None:
+                return self._outside_layer(func, forward_decisions)
             name, expensive = self._ops[func]
             path = self.tracker.path
-            if ctx.is_recompute:
-                layer = forward_layer[0] if forward_layer else self.tracker.layer
-            else:
-                layer = self.tracker.layer
-                if not forward_layer:
-                    forward_layer.append(layer)
-            if layer is None:
-                self._warn_once("layer", "bwsk reversible mode: a checkpointed op ran with no layer index (the "
-                                "decoder-layer hooks did not run), so every op misses the recompute plan")
-            seen, group = counts[ctx.is_recompute], (path, name)
-            occurrence = seen.get(group, 0)
-            seen[group] = occurrence + 1
+            group = (path, name)
+            occurrence = occurrences.get(group, 0)
+            occurrences[group] = occurrence + 1
             keep = self._planned.get((layer, path, name, occurrence))
             if keep is None:
                 key = OpKey(layer, path, name, occurrence)
                 keep = self._plan.keeps(key, expensive)
-                if not ctx.is_recompute:
-                    self._count_unplanned(key, expensive, keep)
-            elif not ctx.is_recompute:
+                self._count_unplanned(key, expensive, keep)
+            else:
                 self.fidelity["plan_hits"] += 1
-            if self.decisions is not None and not ctx.is_recompute:
+            if self.decisions is not None:
                 self.decisions[OpKey(layer, path, name, occurrence)] = keep
+            forward_decisions.setdefault(func, []).append(keep)
             return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
         return policy
+
+    def _outside_layer(self, func, forward_decisions: dict):
+        """An op of the checkpointed call that runs before the layer's own pre-hook: recomputed, as plain
+        checkpointing would (FSDP2's unshard under transformers 5.17, which checkpoints `__call__`)."""
+        self.fidelity["outside_layer"] += 1
+        if flop_formula(func) is not None:  # a matmul or attention outside any layer: the hooks never ran
+            self._warn_once("layer", "bwsk reversible mode: a checkpointed matmul ran with no layer index (the "
+                            "decoder-layer hooks did not run): the plan cannot apply, it is recomputed")
+        forward_decisions.setdefault(func, []).append(False)
+        return CheckpointPolicy.PREFER_RECOMPUTE
