@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import BWSKError
 from .experiments.args import ExperimentArguments, parse_arguments
 from .experiments.presets import Preset, get_preset
-from .experiments.runner import run_grid
+from .experiments.runner import lock_output_dir, run_grid
 from .layout import RESULTS, write_json
 from .publishing.hub import check_repo_id, check_token, push
 from .publishing.results import assemble_results, divergence_summary, format_tables
@@ -61,18 +61,20 @@ def run_experiment(preset: Preset, args: ExperimentArguments, training_args: BWS
                    *, callbacks: tuple = ()) -> dict:
     """Train the requested variants of ``preset`` and write ``results.json``; return its content.
 
-    ``callbacks`` are added to every variant's trainer. Every input check happens before training.
+    ``callbacks`` are added to every variant's trainer. The output directory's lock is held throughout,
+    from before the first check to after the push. Every input check happens before training.
     """
-    if training_args.push_to_hub:
-        _check_push(args, training_args)
-    grid_run = run_grid(preset, args, training_args, callbacks=callbacks)
-    results = assemble_results(preset=preset, runs=grid_run.runs, **grid_run.provenance)
-    if training_args.process_index == 0:
-        write_json(grid_run.run_dir.results_path, results)
-        grid_run.run_dir.record([grid_run.run_dir.results_path])
-        if training_args.push_to_hub and not divergence_summary(results["runs"]):
-            push(grid_run.run_dir.path, args.hub_repo_id, private=bool(training_args.hub_private_repo),
-                 revision=training_args.hub_revision, token=training_args.hub_token)
+    with lock_output_dir(training_args):
+        if training_args.push_to_hub:
+            _check_push(args, training_args)
+        grid_run = run_grid(preset, args, training_args, callbacks=callbacks)
+        results = assemble_results(preset=preset, runs=grid_run.runs, **grid_run.provenance)
+        if training_args.process_index == 0:
+            write_json(grid_run.run_dir.results_path, results)
+            grid_run.run_dir.record([grid_run.run_dir.results_path])
+            if training_args.push_to_hub and not divergence_summary(results["runs"]):
+                push(grid_run.run_dir.path, args.hub_repo_id, private=bool(training_args.hub_private_repo),
+                     revision=training_args.hub_revision, token=training_args.hub_token)
     return results
 
 

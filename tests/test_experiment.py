@@ -56,8 +56,8 @@ def assert_same_record(actual: dict, expected: dict, what: str):
 
 def test_preset_supplies_the_published_defaults(tmp_path):
     args, training_args = parse_arguments(MAMBA_PRESETS, ["--preset", "full", "--output_dir", str(tmp_path)])
-    assert (args.preset, args.modes, args.experiments) == ("full", ("conventional", "analyzed", "reversible"),
-                                                           ("finetune", "scratch"))
+    assert (args.preset, args.modes, args.experiments) == ("full", ["conventional", "analyzed", "reversible"],
+                                                           ["finetune", "scratch"])
     assert training_args.per_device_train_batch_size == 2 and training_args.learning_rate == 3e-5
     assert str(training_args.lr_scheduler_type.value) == "cosine" and training_args.max_grad_norm == 1.0
     assert training_args.optim.value == "adamw_torch"
@@ -70,9 +70,9 @@ def test_preset_supplies_the_published_defaults(tmp_path):
 def test_flags_override_the_preset(tmp_path):
     args, training_args = parse_arguments(PYTHIA_PRESETS, [
         "--preset", "tiny", "--output_dir", str(tmp_path), "--learning_rate", "1e-3", "--per_device_train_batch_size",
-        "4", "--modes", "reversible,bwsk-analyzed", "--experiments", "scratch", "--max_epochs", "5", "--seed", "7"])
+        "4", "--modes", "reversible,bwsk-analyzed", "--experiments", "finetune", "--max_epochs", "5", "--seed", "7"])
     assert training_args.learning_rate == 1e-3 and training_args.per_device_train_batch_size == 4
-    assert args.modes == ("reversible", "analyzed") and args.experiments == ("scratch",)
+    assert args.modes == ["reversible", "analyzed"] and args.experiments == ["finetune"]
     assert args.max_epochs == 5 and training_args.seed == 7
 
 
@@ -81,15 +81,61 @@ def test_yaml_config_file(tmp_path):
     config.write_text(f"preset: full\noutput_dir: {tmp_path / 'out'}\nmodes: [conventional]\nseed: 3\n"
                       "scratch_learning_rate: 0.001\n")
     args, training_args = parse_arguments(PYTHIA_PRESETS, [str(config)])
-    assert args.preset == "full" and args.modes == ("conventional",) and args.scratch_learning_rate == 1e-3
+    assert args.preset == "full" and args.modes == ["conventional"] and args.scratch_learning_rate == 1e-3
     assert training_args.seed == 3 and training_args.per_device_train_batch_size == 8
     assert training_args.learning_rate == 5e-5
+
+
+@pytest.mark.parametrize("flags, modes, experiments", [
+    (["--modes", "conventional", "reversible", "--experiments", "scratch", "finetune"],
+     ["conventional", "reversible"], ["scratch", "finetune"]),
+    (["--modes", "conventional,bwsk-reversible", "--experiments", "finetune,scratch"],
+     ["conventional", "reversible"], ["finetune", "scratch"]),
+    (["--modes", "bwsk-analyzed,conventional", "reversible", "analyzed", "--experiments=scratch"],
+     ["analyzed", "conventional", "reversible"], ["scratch"]),
+], ids=["space-separated", "comma-separated", "mixed"])
+def test_list_flags_take_values_as_hf_users_type_them(tmp_path, flags, modes, experiments):
+    args, _ = parse_arguments(PYTHIA_PRESETS, ["--output_dir", str(tmp_path), *flags])
+    assert (args.modes, args.experiments) == (modes, experiments)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--experiments", "scratch", "--learning_rate", "1e-3"],
+    ["--experiments", "scratch", "--learning-rate=5e-4"],  # the preset's own value, another spelling: still given
+], ids=["given", "given-as-the-default"])
+def test_a_learning_rate_no_variant_uses_is_refused_naming_the_scratch_one(tmp_path, flags):
+    with pytest.raises(BWSKError) as caught:
+        parse_arguments(PYTHIA_PRESETS, ["--output_dir", str(tmp_path), *flags])
+    message = str(caught.value)
+    assert message.startswith("--learning_rate sets the fine-tune variants'") and "\n" not in message, message
+    assert "--scratch_learning_rate" in message
+
+
+@pytest.mark.parametrize("flags", [
+    ["--experiments", "scratch", "--learning_rate", "1e-3", "--scratch_learning_rate", "1e-2"],
+    ["--experiments", "scratch", "finetune", "--learning_rate", "1e-3"],
+    ["--learning_rate", "1e-3"],
+    ["--experiments", "scratch"],
+], ids=["with-scratch-rate", "with-finetune", "every-experiment", "no-learning-rate"])
+def test_a_learning_rate_a_variant_uses_is_taken(tmp_path, flags):
+    args, training_args = parse_arguments(PYTHIA_PRESETS, ["--output_dir", str(tmp_path), *flags])
+    assert training_args.learning_rate == (1e-3 if "--learning_rate" in flags else 5e-4)
+
+
+def test_a_yaml_learning_rate_no_variant_uses_is_refused(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nexperiments: scratch\nlearning_rate: 0.001\n")
+    with pytest.raises(BWSKError, match="--scratch_learning_rate"):
+        parse_arguments(PYTHIA_PRESETS, [str(config)])
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--preset", "huge"], "unknown preset 'huge'; valid presets: full, tiny"),
     (["--modes", "conventional,fast"], "unknown fast; valid values: conventional, analyzed, reversible"),
+    (["--modes", "conventional", "fast", "slow"], "unknown fast, slow; valid values: conventional, analyzed"),
+    (["--modes", ","], "unknown empty list; valid values: conventional, analyzed, reversible"),
     (["--experiments", "pretrain"], "unknown pretrain; valid values: finetune, scratch"),
+    (["--experiments"], "argument --experiments: expected at least one argument"),
     (["--train_file", "a.txt"], "add --validation_file, --test_file"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, flags, message):

@@ -24,7 +24,7 @@ from hf_bwsk.experiments.args import parse_arguments
 from hf_bwsk.experiments.checks import effective_hyperparameters, run_identity
 from hf_bwsk.experiments.presets import get_preset
 from hf_bwsk.experiments.run_dir import RunDirectory
-from hf_bwsk.layout import MARKER, read_marker, write_json
+from hf_bwsk.layout import LOCK, MARKER, read_marker, write_json
 from hf_bwsk.recipe import main, run_experiment
 
 RECIPE = Path(__file__).parent / "tiny_recipe.py"
@@ -436,10 +436,12 @@ def test_kill_9_in_a_variant_then_resume_gives_the_uninterrupted_results(clean_r
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (out / "finetune-bwsk-analyzed" / "training_results.json").exists(), "killed too late"
+    assert json.loads((out / LOCK).read_text())["pid"] == process.pid, "the killed run held the lock"
     first_session = max(json.loads(path.read_text())["wall_time_s"]
                         for path in victim.glob("checkpoint-*/bwsk_session_time.json"))
     resumed = run_recipe(out, "--resume", "true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (out / LOCK).exists(), "its lock file, left by the kill, went with the resumed run's release"
     assert "[2/4] training finetune-bwsk-analyzed (resuming from checkpoint-" in resumed.stdout
     assert "unexpected keys" not in resumed.stdout + resumed.stderr
     found, expected = records(out), records(expected_out)

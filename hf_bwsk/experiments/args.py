@@ -4,6 +4,7 @@ Defaults come, in increasing priority, from the dataclasses, the runner's protoc
 preset, and the user's flags or YAML/JSON file.
 """
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass, field
@@ -39,14 +40,17 @@ PROTOCOL_DEFAULTS = {
 }
 
 
-def _split_list(value, valid: tuple[str, ...], flag: str, aliases: dict[str, str] | None = None) -> tuple[str, ...]:
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    names = tuple((aliases or {}).get(item.strip(), item.strip()) for item in items if item.strip())
+def _names(value, valid: tuple[str, ...], flag: str, aliases: dict[str, str] | None = None) -> list[str]:
+    """The names a list flag gives, in order and once each: ``--modes a b``, ``--modes a,b``, both mixed, or
+    a YAML list or comma-separated string; aliases mapped to their names. Refuses an unknown or no name."""
+    items = [value] if isinstance(value, str) else list(value)
+    names = [(aliases or {}).get(name, name) for item in items for name in map(str.strip, str(item).split(",")) if name]
     unknown = [name for name in names if name not in valid]
     if unknown or not names:
         found = ", ".join(unknown) or "empty list"
-        raise BWSKError(f"--{flag} {value!r}: unknown {found}; valid values: {', '.join(valid)}")
-    return tuple(dict.fromkeys(names))
+        given = " ".join(map(str, items))
+        raise BWSKError(f"--{flag} {given!r}: unknown {found}; valid values: {', '.join(valid)}")
+    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -55,11 +59,13 @@ class ExperimentArguments:
 
     preset: str = field(default="tiny", metadata={"help": "Preset: 'full' (the published configuration: Hub model "
                         "and WikiText-2) or 'tiny' (offline, minutes on a CPU)."})
-    modes: str = field(default=",".join(MODES), metadata={"help": "Comma-separated BWSK modes to train: "
-                       "conventional, analyzed, reversible (folder names bwsk-analyzed/bwsk-reversible also "
-                       "accepted). The runner sets each variant's --bwsk_mode itself."})
-    experiments: str = field(default=",".join(EXPERIMENTS), metadata={"help": "Comma-separated experiments: "
-                             "finetune (from the pretrained base), scratch (same config, random init)."})
+    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "BWSK modes to train, "
+                             "space- or comma-separated: conventional, analyzed, reversible (folder names "
+                             "bwsk-analyzed/bwsk-reversible also accepted). The runner sets each variant's "
+                             "--bwsk_mode itself."})
+    experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS), metadata={"help": "Experiments, "
+                                   "space- or comma-separated: finetune (from the pretrained base, at "
+                                   "--learning_rate), scratch (same config, random init, at --scratch_learning_rate)."})
     max_epochs: int | None = field(default=None, metadata={"help": "Epoch cap per variant (early stopping on "
                                    "validation loss usually stops sooner); default: the preset's. Sets "
                                    "num_train_epochs."})
@@ -88,8 +94,8 @@ class ExperimentArguments:
                                     "('namespace/name') the six variants are pushed to, in one commit, at the end."})
 
     def __post_init__(self):
-        self.modes = _split_list(self.modes, MODES, "modes", {folder: mode for mode, folder in MODE_FOLDERS.items()})
-        self.experiments = _split_list(self.experiments, EXPERIMENTS, "experiments")
+        self.modes = _names(self.modes, MODES, "modes", {folder: mode for mode, folder in MODE_FOLDERS.items()})
+        self.experiments = _names(self.experiments, EXPERIMENTS, "experiments")
         local = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
         if any(local.values()) and not all(local.values()):
             missing = ", ".join(f"--{split}_file" for split, path in local.items() if not path)
@@ -129,25 +135,49 @@ def parse_arguments(presets: dict[str, Preset], args: list[str] | None = None):
         if len(args) == 1 and args[0].endswith((".yaml", ".yml", ".json")):
             import yaml
 
-            given = yaml.safe_load(Path(args[0]).read_text(encoding="utf-8")) or {}
-            _refuse_bwsk_mode("bwsk_mode" in given)
-            preset = get_preset(presets, given.get("preset", "tiny"))
-            return parser.parse_dict({**_defaults(preset), **given})
-        _refuse_bwsk_mode(any(arg == "--bwsk_mode" or arg.startswith("--bwsk_mode=") for arg in args))
-        known, _ = parser.parse_known_args(args)
-        parser.set_defaults(**_defaults(get_preset(presets, known.preset)))
-        return parser.parse_args_into_dataclasses(args=args)
+            values = yaml.safe_load(Path(args[0]).read_text(encoding="utf-8")) or {}
+            given = set(values)
+            _refuse_bwsk_mode(given)
+            preset = get_preset(presets, values.get("preset", "tiny"))
+            parsed = parser.parse_dict({**_defaults(preset), **values})
+        else:
+            known, _ = parser.parse_known_args(args)
+            given = _given_on_command_line(parser, args, known)
+            _refuse_bwsk_mode(given)
+            parser.set_defaults(**_defaults(get_preset(presets, known.preset)))
+            parsed = parser.parse_args_into_dataclasses(args=args)
     except BWSKError:
         raise
     except ValueError as error:  # TrainingArguments' own checks, e.g. --bf16 on a machine without it
         raise BWSKError(f"{str(error).strip().splitlines()[0]} (check the flags; see --help)") from None
+    _refuse_ignored_learning_rate(parsed[0], given)
+    return parsed
 
 
-def _refuse_bwsk_mode(given: bool) -> None:
+def _given_on_command_line(parser, args: list[str], parsed) -> set[str]:
+    """The fields the command line sets, however spelled (``--learning-rate``, ``--learning_rate=1e-3``,
+    an abbreviation), a value equal to its default included."""
+    # HfArgumentParser fills in every default before the dataclasses see a value, and comparing a value
+    # with its default would miss a flag that repeats the default: argparse itself parses the arguments
+    # again, into a namespace whose every field already holds a sentinel (argparse puts a default only
+    # where a field is missing), so exactly the given flags replace theirs.
+    unset = object()
+    seen, _ = parser.parse_known_args(args, namespace=argparse.Namespace(**dict.fromkeys(vars(parsed), unset)))
+    return {name for name, value in vars(seen).items() if value is not unset}
+
+
+def _refuse_bwsk_mode(given: set[str]) -> None:
     """The runner sets each variant's mode from --modes; a --bwsk_mode would be silently ignored."""
-    if given:
+    if "bwsk_mode" in given:
         raise BWSKError("--bwsk_mode is set per variant by the runner; choose the modes with --modes "
                         "(e.g. --modes reversible) and drop --bwsk_mode")
+
+
+def _refuse_ignored_learning_rate(args: ExperimentArguments, given: set[str]) -> None:
+    """--learning_rate is the fine-tune variants' rate; without them it would be silently ignored."""
+    if "learning_rate" in given and "finetune" not in args.experiments and args.scratch_learning_rate is None:
+        raise BWSKError("--learning_rate sets the fine-tune variants' learning rate and --experiments scratch trains "
+                        "none; set the from-scratch rate with --scratch_learning_rate and drop --learning_rate")
 
 
 def _defaults(preset: Preset) -> dict:

@@ -53,7 +53,7 @@ def check_flags(args: ExperimentArguments, training_args: BWSKTrainingArguments)
     for flag in ("bwsk_memory_budget", "bwsk_activation_budget"):
         if getattr(training_args, flag) is not None and "reversible" not in args.modes:
             raise BWSKError(f"--{flag} applies to the reversible mode, which --modes "
-                            f"{','.join(args.modes)} leaves out; add reversible to --modes or drop the budget")
+                            f"{' '.join(args.modes)} leaves out; add reversible to --modes or drop the budget")
     check_precision(training_args)
 
 
@@ -64,7 +64,7 @@ def check_precision(training_args: BWSKTrainingArguments) -> None:
                         "drop --fp16, or pass --bf16 true --use_cpu true for bfloat16 AMP on the CPU")
 
 
-def check_memory_budget(config, training_args: BWSKTrainingArguments, block_size: int, modes: tuple) -> None:
+def check_memory_budget(config, training_args: BWSKTrainingArguments, block_size: int, modes: list[str]) -> None:
     """Refuse a ``--bwsk_memory_budget`` or ``--bwsk_activation_budget`` the reversible variants cannot meet,
     before any training.
 

@@ -3,17 +3,20 @@
 A variant folder appears only complete: it is written under a hidden ``.partial`` name and its
 files moved in, ``training_results.json`` last. The marker tells our directories from foreign ones
 and lists every file we wrote (the manifest): overwriting deletes those files and nothing else, so
-files the user put anywhere in the directory survive.
+files the user put anywhere in the directory survive. A run holds the directory's lock
+(:meth:`RunDirectory.lock`) throughout; the lock file is neither ours to delete nor foreign.
 """
 
 import json
 import os
 import shutil
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..errors import BWSKError
 from ..layout import (
     CHECKPOINTS,
+    LOCK,
     MARKER,
     PARTIAL_SUFFIX,
     RESULTS,
@@ -22,6 +25,7 @@ from ..layout import (
     files_under,
     read_marker,
     record_written,
+    run_lock,
     write_json,
 )
 
@@ -50,6 +54,12 @@ class RunDirectory:
         """Whether the variant folder is complete (its record is the last file moved in)."""
         return (self.variant(name) / TRAINING_RESULTS).is_file()
 
+    def lock(self) -> AbstractContextManager[None]:
+        """Hold the directory's lock (:func:`hf_bwsk.layout.run_lock`), making the directory if needed;
+        refuses, naming the holder's pid, a directory another run or push holds (main process only)."""
+        self._refuse_file()
+        return run_lock(self.path, create=True)
+
     def check(self, identity: dict, *, resume: bool, overwrite: bool) -> None:
         """Refuse a directory we may not write into; read-only, so every process can run it.
 
@@ -58,10 +68,10 @@ class RunDirectory:
         """
         if not self.path.exists():
             return
-        if not self.path.is_dir():
-            raise BWSKError(f"--output_dir {self.path} is a file; pass a directory")
+        self._refuse_file()
         if not (self.path / MARKER).is_file():
-            foreign = sorted(entry.name for entry in self.path.iterdir())
+            # The lock file is the lock's (ours while we run, or a killed run's), not the user's.
+            foreign = sorted(entry.name for entry in self.path.iterdir() if entry.name != LOCK)
             if foreign and not overwrite:
                 listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
                 raise BWSKError(
@@ -82,6 +92,10 @@ class RunDirectory:
                 f"--resume with other settings than the run in {self.path}: {differences}; "
                 "resume with the recorded values, or choose another --output_dir"
             )
+
+    def _refuse_file(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise BWSKError(f"--output_dir {self.path} is a file; pass a directory")
 
     def prepare(self, identity: dict, *, overwrite: bool) -> None:
         """Make the directory ready (main process only, after :meth:`check` and every other check).
@@ -127,6 +141,8 @@ def _delete_files(root: Path, written: list[str]) -> None:
     """Delete the listed files under ``root``, then every folder of theirs left empty (deepest first)."""
     folders = set()
     for relative in written:
+        if relative == LOCK:  # never: deleting it mid-run would let a second holder in
+            continue
         path = root / relative
         if path.is_file() or path.is_symlink():
             path.unlink()

@@ -1,12 +1,13 @@
 """The experiment runner: 3 BWSK modes x 2 experiments (fine-tune, from scratch) of one model.
 
-``run_grid`` resolves the base model, tokenizer and data, checks everything it can, then trains
-each requested variant (:mod:`hf_bwsk.experiments.variant`) into the output directory (layout:
-:mod:`hf_bwsk.layout`). The recipes' entry point, which also writes ``results.json``, prints the
-tables and pushes, is :mod:`hf_bwsk.recipe`.
+``run_grid`` takes the output directory's lock, resolves the base model, tokenizer and data, checks
+everything it can, then trains each requested variant (:mod:`hf_bwsk.experiments.variant`) into the
+output directory (layout: :mod:`hf_bwsk.layout`). The recipes' entry point, which also writes
+``results.json``, prints the tables and pushes, is :mod:`hf_bwsk.recipe`.
 """
 
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +53,37 @@ def run_grid(preset: Preset, args: ExperimentArguments, training_args: BWSKTrain
              *, callbacks: tuple = ()) -> GridRun:
     """Train the requested variants of ``preset`` into ``training_args.output_dir``.
 
-    ``callbacks`` are added to every variant's trainer. Every input check happens before anything
-    is written: a run refused before training leaves the output directory as it was.
+    ``callbacks`` are added to every variant's trainer. The output directory's lock is held from the
+    start (:func:`lock_output_dir`; a directory another run or push holds is refused first), and every
+    input check happens before anything is written: a run refused before training leaves the output
+    directory as it was.
     """
-    with _torch_threads(given_or(args.torch_threads, preset.torch_threads)):
+    with lock_output_dir(training_args), _torch_threads(given_or(args.torch_threads, preset.torch_threads)):
         return _run_grid(preset, args, training_args, callbacks)
+
+
+@contextmanager
+def lock_output_dir(training_args: BWSKTrainingArguments) -> Iterator[RunDirectory]:
+    """Hold ``--output_dir``'s lock until the block ends (:meth:`RunDirectory.lock`; reentrant, so the
+    recipe holds it across the grid, ``results.json`` and the push).
+
+    The main process, the one that writes, takes it; when it is refused, every process raises the same
+    one-line ``BWSKError`` naming the holder's pid, before any work.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    run_dir = RunDirectory(training_args.output_dir)
+    with ExitStack() as held:
+        refusal = None
+        if training_args.process_index == 0:
+            try:
+                held.enter_context(run_dir.lock())
+            except BWSKError as error:
+                refusal = str(error)
+        refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise BWSKError(refusal)
+        yield run_dir
 
 
 @contextmanager

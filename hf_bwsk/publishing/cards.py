@@ -24,6 +24,7 @@ from ..layout import (
     MODES,
     README,
     VARIANTS,
+    run_lock,
 )
 from ..training.model_card import (
     dataset_label,
@@ -151,11 +152,13 @@ def card_files(run_dir: "str | Path | Run", *, repo_id: str | None = None, licen
 
 
 def write_card(run_dir: str | Path, *, repo_id: str | None = None, license: str = "mit") -> Path:
-    """Write README.md and the plots into ``run_dir``; return the README path."""
+    """Write README.md and the plots into ``run_dir``, holding its lock (a run or push in it is
+    refused, naming its pid: :func:`hf_bwsk.layout.run_lock`); return the README path."""
     run_dir = Path(run_dir)
-    for path_in_repo, content in card_files(run_dir, repo_id=repo_id, license=license).items():
-        target = run_dir / path_in_repo
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
+    with run_lock(run_dir):
+        for path_in_repo, content in card_files(run_dir, repo_id=repo_id, license=license).items():
+            target = run_dir / path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
     logger.info("Wrote %s and plots", run_dir / README)
     return run_dir / README

@@ -9,7 +9,9 @@ Repo layout (what the card's usage and ``from_pretrained(repo, subfolder=...)`` 
 Only safetensors weights travel; checkpoints and optimizer states (``checkpoints/``) never do.
 ``push`` checks everything it can before the network (repo id, every variant, the token), then
 creates the repo and uploads all files in ONE ``create_commit``, so a failure leaves the remote
-as it was. The token is passed to huggingface_hub and never logged, written or put in a message.
+as it was. ``push`` and ``assemble`` hold the run directory's lock while they read it
+(:func:`hf_bwsk.layout.run_lock`): a directory a run is writing is refused, naming its pid. The token
+is passed to huggingface_hub and never logged, written or put in a message.
 """
 
 import logging
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BWSKError
-from ..layout import RESULTS
+from ..layout import RESULTS, run_lock
 from .cards import card_files
 from .run import Run, load_run, unpublishable
 
@@ -86,14 +88,14 @@ def assemble(run_dir: str | Path, dest: str | Path, *, repo_id: str | None = Non
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise BWSKError(f"{dest} is not empty; pass a new or empty folder to assemble into")
-    files = repo_files(run_dir, repo_id=repo_id, license=license)
     written = []
-    for repo_file in files:
-        target = dest / repo_file.path_in_repo
-        target.parent.mkdir(parents=True, exist_ok=True)
-        content = repo_file.source if isinstance(repo_file.source, bytes) else repo_file.source.read_bytes()
-        target.write_bytes(content)
-        written.append(target)
+    with run_lock(run_dir):
+        for repo_file in repo_files(run_dir, repo_id=repo_id, license=license):
+            target = dest / repo_file.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            content = repo_file.source if isinstance(repo_file.source, bytes) else repo_file.source.read_bytes()
+            target.write_bytes(content)
+            written.append(target)
     logger.info("Assembled %d files into %s", len(written), dest)
     return written
 
@@ -190,37 +192,39 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
     when the repo is created; an existing repo keeps its visibility. ``revision`` is a branch, created
     from main if needed. ``dry_run`` checks and lists every file and its size without any network call.
     ``endpoint`` defaults to ``HF_ENDPOINT`` / huggingface.co. A run with a diverged variant or
-    non-finite weights is refused unless ``allow_diverged``.
+    non-finite weights is refused unless ``allow_diverged``. The run directory's lock is held from
+    before it is read to after the commit: a directory a run is writing is refused, naming its pid.
     """
     check_repo_id(repo_id)
     revision = revision or "main"
-    run = load_run(run_dir)  # a bad run directory is refused before the network is touched
-    check_publishable(run, allow_diverged)
-    if dry_run:
+    with run_lock(run_dir):
+        run = load_run(run_dir)  # a bad run directory is refused before the network is touched
+        check_publishable(run, allow_diverged)
+        if dry_run:
+            files = repo_files(run, repo_id=repo_id, license=license)
+            return PushResult(repo_id, revision, [(f.path_in_repo, f.size) for f in files], dry_run=True,
+                              private=private)
+
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        token = _resolve_token(token)
+        api = HfApi(endpoint=endpoint, token=token)
+        account = _who(api, token)
+        if "/" not in repo_id:
+            repo_id = f"{account}/{repo_id}"
         files = repo_files(run, repo_id=repo_id, license=license)
-        return PushResult(repo_id, revision, [(f.path_in_repo, f.size) for f in files], dry_run=True, private=private)
-
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    token = _resolve_token(token)
-    api = HfApi(endpoint=endpoint, token=token)
-    account = _who(api, token)
-    if "/" not in repo_id:
-        repo_id = f"{account}/{repo_id}"
-    files = repo_files(run, repo_id=repo_id, license=license)
-    _refuse_token_in_files(files, token)
-    _remote_step("repo creation", lambda: api.create_repo(repo_id, private=private, exist_ok=True), repo_id)
-    if revision != "main":
-        _remote_step(f"branch creation ({revision})",
-                     lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), repo_id)
-    operations = [
-        CommitOperationAdd(f.path_in_repo, f.source if isinstance(f.source, bytes) else str(f.source)) for f in files
-    ]
-    logger.info("Pushing %d files to %s@%s in one commit", len(operations), repo_id, revision)
-    commit = _remote_step(
-        "the upload and commit",
-        lambda: api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision),
-        repo_id,
-    )
-    return PushResult(repo_id, revision, [(f.path_in_repo, f.size) for f in files], dry_run=False,
-                      commit_url=commit.commit_url, commit_oid=commit.oid, private=private)
+        _refuse_token_in_files(files, token)
+        _remote_step("repo creation", lambda: api.create_repo(repo_id, private=private, exist_ok=True), repo_id)
+        if revision != "main":
+            _remote_step(f"branch creation ({revision})",
+                         lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), repo_id)
+        operations = [CommitOperationAdd(f.path_in_repo, f.source if isinstance(f.source, bytes) else str(f.source))
+                      for f in files]
+        logger.info("Pushing %d files to %s@%s in one commit", len(operations), repo_id, revision)
+        commit = _remote_step(
+            "the upload and commit",
+            lambda: api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision),
+            repo_id,
+        )
+        return PushResult(repo_id, revision, [(f.path_in_repo, f.size) for f in files], dry_run=False,
+                          commit_url=commit.commit_url, commit_oid=commit.oid, private=private)
