@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_leaves, tree_map  # noqa: F401  (re-exporte
 from torch.utils.checkpoint import SAC_IGNORED_OPS
 
 __all__ = [
-    "CachedTensor", "IGNORED_BY_CHECKPOINT", "StorageWeakRef", "TorchDispatchMode", "accelerator_initialized",
+    "CachedTensor", "IGNORED_BY_CHECKPOINT", "StorageWeakRef", "TorchDispatchMode", "flop_formula_of", "shape_formula",
     "attention_implementation", "autograd_function_of", "checkpoint_saved_tensor_hooks", "detach_for_cache",
     "has_input_require_grads_hook", "in_backward", "local_attention_function", "op_packet", "op_schema",
     "outside_dispatch_modes", "tensor_version", "view_base",
@@ -56,8 +56,8 @@ def op_packet(func):
 def detach_for_cache(value: Any) -> Any:
     """A tensor detached for a checkpoint's cache so that a view op's output keeps its version counter.
 
-    What torch's own caching mode does (`_detach_helper` on 2.13+, `_maybe_detach` on 2.11): detach with
-    the ADInplaceOrView key left on, so that a view made below autograd shares its base's counter and
+    What torch's own caching mode does (`_detach_helper` on 2.13+; 2.11's `_maybe_detach` skips integer
+    outputs that alias nothing, which gains nothing here): detach with the ADInplaceOrView key left on, so that a view made below autograd shares its base's counter and
     `as_view` sees no autograd metadata when the cached output is handed back. Non-tensors pass through.
     """
     if not isinstance(value, torch.Tensor):
@@ -118,8 +118,17 @@ def has_input_require_grads_hook(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "_require_grads_hooks", None))
 
 
-def accelerator_initialized() -> bool:
-    """Whether accelerate's process-wide state exists, so reading it creates nothing."""
-    from accelerate.state import AcceleratorState
+def flop_formula_of(packet):
+    """torch's registered FLOP formula of an aten overload packet (`torch.utils.flop_counter`'s registry,
+    not in its ``__all__``), or None."""
+    from torch.utils.flop_counter import flop_registry
 
-    return bool(AcceleratorState._shared_state)
+    return flop_registry.get(packet)
+
+
+def shape_formula(formula):
+    """``formula`` (taking shapes) as the registry holds formulas: called with tensors, it is handed their
+    shapes; its ``__wrapped__`` is the shape function itself."""
+    from torch.utils.flop_counter import shape_wrapper
+
+    return shape_wrapper(formula)

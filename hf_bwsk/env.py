@@ -8,7 +8,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-# Distribution names, read from installed metadata so that nothing heavy (datasets, evaluate) is imported.
+# Distribution names: each one's running __version__, else its installed metadata (nothing is imported).
 _PACKAGES = (
     "torch",
     "transformers",

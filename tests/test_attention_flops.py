@@ -104,6 +104,17 @@ def sdpa_step(b, h_q, h_kv, s_q, s_k, d_qk, d_v, causal, seed=0):
     return step
 
 
+def assert_equals_torch_s_count(ours: dict, count_by_torch, h_q: int, h_kv: int, case: str) -> None:
+    """Our counts equal torch's own counter's, or the test skips where that counter rejects the head counts."""
+    try:
+        theirs = count_by_torch()
+    except AssertionError as error:
+        assert h_kv != h_q, f"torch {torch.__version__} rejects multi-head attention: {error}"
+        pytest.skip(f"torch {torch.__version__}'s own counter rejects {h_q} query heads over {h_kv} key/value "
+                    f"heads ({error}); our count matched the hand-computed one")
+    assert ours == theirs, f"{case}: ours {ours} != torch's {theirs}"
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("heads", sorted(CPU_FLASH_SHAPES))
 def test_cpu_flash_forward_and_backward(heads, causal):
@@ -116,13 +127,7 @@ def test_cpu_flash_forward_and_backward(heads, causal):
     assert set(ours) == {CPU_FORWARD, CPU_BACKWARD}, f"{heads}: expected the fused CPU ops alone, counted {ours}"
     assert ours[CPU_FORWARD] == hand_forward(*sizes), f"{heads} forward {sizes}"
     assert ours[CPU_BACKWARD] == hand_backward(*sizes), f"{heads} backward {sizes}"
-    try:
-        theirs = torch_counts(step)
-    except AssertionError as error:
-        assert h_kv != h_q, f"torch {torch.__version__} rejects multi-head attention: {error}"
-        pytest.skip(f"torch {torch.__version__}'s own counter rejects {h_q} query heads over {h_kv} key/value "
-                    f"heads ({error}); our count matched the hand-computed one")
-    assert ours == theirs, f"{heads}: ours {ours} != torch's {theirs}"
+    assert_equals_torch_s_count(ours, lambda: torch_counts(step), h_q, h_kv, heads)
 
 
 # The math path (forced, or the CPU fallback when the value head dim differs) runs bmm's, which torch
@@ -247,13 +252,7 @@ def test_cuda_ops_on_meta_tensors(name, h_kv):
     assert ours == {packet: hand(*SIZES)}, f"{name} at (b, h_q, s_q, s_k, d_qk, d_v) = {SIZES}, {h_kv} kv heads"
     if name in SEQ_FIRST:
         return
-    try:
-        theirs = counts(lambda: call(h_kv), {})
-    except AssertionError as error:
-        assert h_kv != H_Q, f"torch {torch.__version__} rejects multi-head attention: {error}"
-        pytest.skip(f"torch {torch.__version__}'s own counter rejects {H_Q} query heads over {h_kv} key/value "
-                    f"heads ({error}); our count matched the hand-computed one")
-    assert ours == theirs, f"{name}, {h_kv} kv heads: ours {ours} != torch's {theirs}"
+    assert_equals_torch_s_count(ours, lambda: counts(lambda: call(h_kv), {}), H_Q, h_kv, f"{name}, {h_kv} kv heads")
 
 
 def shapes(*sizes):

@@ -143,7 +143,12 @@ def test_transformers_names():
     assert not _compat.has_input_require_grads_hook(model)
     model.enable_input_require_grads()
     assert _compat.has_input_require_grads_hook(model)
-    assert isinstance(_compat.accelerator_initialized(), bool)
+
+
+def test_torch_flop_registry_and_its_shape_wrapper():
+    assert _compat.flop_formula_of(torch.ops.aten.mm) is not None and _compat.flop_formula_of(torch.ops.aten.add) is None
+    double = _compat.shape_formula(lambda shape, out_shape=None: 2 * shape[0])
+    assert double(torch.zeros(5), out_val=None) == 10 and double.__wrapped__(torch.Size([5])) == 10
 
 
 def test_trainer_still_has_the_loads_a_variant_trainer_overrides():

@@ -164,22 +164,40 @@ def test_a_layer_without_its_index_warns_that_every_op_misses():
     tracker.remove()
 
 
-def test_a_recompute_outside_the_layer_s_hooks_gets_the_forward_s_decisions():
-    # transformers 5.23+ checkpoints a layer's forward, so its recompute runs without the layer's hooks
-    # (no layer index), and torch 2.11 asks the policy again there: the answers must be the forward's.
+def _layer_call(plan, tracker):
+    """One layer call's policy and a caller of it: ``ask(recompute, layer, path, op)``."""
+    policy = SelectivePolicy(plan, tracker).layer_policy()
+
+    def ask(recompute: bool, layer, path: str, op):
+        tracker.layer, tracker._stack[:] = layer, [path] if path else []
+        return policy(types.SimpleNamespace(is_recompute=recompute), op)
+
+    return ask
+
+
+@pytest.mark.parametrize("hooks_in_recompute", [False, True], ids=["forward_checkpointed", "call_checkpointed"])
+def test_a_recompute_that_asks_again_gets_the_forward_s_decisions_in_call_order(hooks_in_recompute):
+    # torch 2.11 asks the policy again while recomputing. transformers 5.23+ checkpoints a layer's forward:
+    # its recompute runs without the layer's hooks (no layer index). 5.17 checkpoints __call__: the hooks
+    # run inside, and a wrapper's hooks (FSDP2's unshard) run before the layer's own, in the forward only.
     model = tiny_model("gpt_neox")
     _, layers = find_decoder_layers(model)
     tracker = LayerPathTracker(layers)
-    # A recomputed matmul: outside the plan (no layer index) the rule would keep it, as an unplanned expensive op.
-    recomputed = OpKey(1, "attention.dense", "aten.addmm.default", 0)
-    plan = dataclasses.replace(plan_recompute([], [0, 0]), recompute=frozenset({recomputed}))
-    policy = SelectivePolicy(plan, tracker).layer_policy()
-    addmm = torch.ops.aten.addmm.default
-    tracker.layer, tracker._stack[:] = 1, ["attention.dense"]
-    forward = policy(types.SimpleNamespace(is_recompute=False), addmm)
-    tracker.layer = None  # the layer's post-hook ran; its pre-hook does not run for the recompute
-    recompute = policy(types.SimpleNamespace(is_recompute=True), addmm)
-    assert forward == recompute == CheckpointPolicy.PREFER_RECOMPUTE, (forward, recompute)
+    kept = OpKey(1, "attention.dense", "aten.addmm.default", 0)
+    recomputed = OpKey(1, "attention.dense", "aten.addmm.default", 1)
+    plan = dataclasses.replace(plan_recompute([], [0, 0]), keep=frozenset({kept}), recompute=frozenset({recomputed}))
+    ask = _layer_call(plan, tracker)
+    addmm, copy = torch.ops.aten.addmm.default, torch.ops.aten.copy_.default
+    save, again = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
+    if hooks_in_recompute:  # a wrapper's op before the layer's pre-hook, of an overload the layer keeps
+        with pytest.warns(UserWarning, match="no layer index"):
+            assert ask(False, None, "", addmm) == again
+    forward = [ask(False, 1, "attention.dense", addmm), ask(False, 1, "attention.dense", addmm)]
+    layer = 1 if hooks_in_recompute else None
+    recompute = [ask(True, layer, "attention.dense", addmm), ask(True, layer, "attention.dense", addmm)]
+    assert forward == recompute == [save, again], (forward, recompute)
+    if hooks_in_recompute:  # the wrapper's op again, after the layer: recomputed, and it shifts no index
+        assert ask(True, None, "", copy) == again
     tracker.remove()
 
 

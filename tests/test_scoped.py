@@ -184,8 +184,19 @@ def test_compiled_forward_runs_per_op_and_scoped_on_request_refuses_it():
     model = tiny_model("gpt_neox")
     model.train()
     mode = ReversibleMode(model, find_layers=find_decoder_layers)
-    mode.setup(batch, compiling=True)
+    with pytest.warns(UserWarning, match="runs its plan per-op, not scoped: the forward is compiled"):
+        mode.setup(batch, compiling=True)
+    assert mode.status()["execution"] == "per_op" and "torch.compile" in mode.status()["execution_reason"]
+    mode.teardown()
+    # A trainer that compiles says so at construction (a graph break can hide it from the first forward).
+    mode = ReversibleMode(model, find_layers=find_decoder_layers, compiled=True)
+    with pytest.warns(UserWarning, match="runs its plan per-op"):
+        mode.setup(batch)
     assert mode.status()["execution"] == "per_op"
+    mode.teardown()
+    mode = ReversibleMode(model, find_layers=find_decoder_layers, execution="per_op")
+    mode.setup(batch)
+    assert mode.status()["execution_reason"] == "asked for (execution='per_op')"
     mode.teardown()
     mode = ReversibleMode(model, find_layers=find_decoder_layers, execution="scoped")
     with pytest.raises(BWSKError, match="execution='auto' or 'per_op'"):

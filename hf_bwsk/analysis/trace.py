@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import flop_registry, shape_wrapper
 
-from .._compat import TorchDispatchMode, op_packet, op_schema, view_base
+from .._compat import TorchDispatchMode, flop_formula_of, op_packet, op_schema, shape_formula, view_base
 from ..errors import BWSKError
 from .attention_flops import ATTENTION_FLOP_FORMULAS
 from .axes import AxisSizes
@@ -50,7 +49,7 @@ def flop_formula(func):
     (`attention_flops`), every other op torch's."""
     packet = op_packet(func)
     ours = ATTENTION_FLOP_FORMULAS.get(packet)
-    return shape_wrapper(ours) if ours is not None else flop_registry.get(packet)
+    return shape_formula(ours) if ours is not None else flop_formula_of(packet)
 
 
 def _origin(value) -> int:

@@ -271,6 +271,7 @@ class ReversibleMode:
         predicted whole-step peak with its state, measured or predicted before its first step.
         """
         self._pending = False
+        compiling = compiling or self.compiled
         optimizer = optimizer or self.optimizer
         if self.loss == "fused" and is_shard(self.model.get_output_embeddings().weight):
             self._keep_model_loss("the output head is sharded in an FSDP unit of its own, so its whole weight is "
@@ -349,7 +350,8 @@ class ReversibleMode:
             scopes = scopes_of(self.plan, self.layers)
             if scopes is not None:
                 return scopes, None
-            reason = "the plan keeps an op that a decoder layer runs in its own forward, outside any submodule"
+            reason = ("the plan keeps or skips an op outside the decoder layers' submodules (one a layer runs in "
+                      "its own forward)")
         if self.execution == "scoped":
             raise BWSKError(f"execution='scoped' cannot run this plan ({reason}): use execution='auto' or 'per_op'")
         warnings.warn(f"bwsk reversible mode runs its plan per-op, not scoped: {reason}", UserWarning, stacklevel=4)

@@ -3,8 +3,8 @@
 Selective activation checkpointing asks a policy about every aten op of a checkpointed layer. The
 policy rebuilds the op's `OpKey` (layer, module path in the layer, op, occurrence) from module hooks
 and answers what the `RecomputePlan` says, counting how often it could (`SelectivePolicy.fidelity`).
-The policy runs for every op of every checkpointed layer, forward and recompute, so what it needs per
-aten overload (name, cost class) is computed once, and a decision is one dict lookup.
+The policy runs for every op of every checkpointed layer's forward (and recompute, on torch 2.11), so
+what it needs per aten overload (name, cost class) is computed once, and a decision is one dict lookup.
 """
 
 from __future__ import annotations
@@ -59,9 +59,8 @@ def pop_path(stack: list[str]):
 class LayerPathTracker:
     """Knows, while a forward runs, which decoder layer and which of its submodules is executing.
 
-    The checkpoint policy sees only aten ops; these hooks give it the rest of an `OpKey`. Forward
-    hooks also fire while checkpointing recomputes a layer, so the keys agree between the forward
-    and the recompute. Hooks are registered on every submodule of every layer; `remove()` takes
+    The checkpoint policy sees only aten ops; these hooks give it the rest of an `OpKey` in the forward
+    (a recompute replays the forward's decisions: `SelectivePolicy.layer_policy`). Hooks are registered on every submodule of every layer; `remove()` takes
     them all away again.
     """
 
@@ -161,7 +160,7 @@ class PlanDecisions:
 
 
 class SelectivePolicy(PlanDecisions):
-    """`context_fn` for `torch.utils.checkpoint`: one selective-checkpoint context per layer call.
+    """Per-op execution of a plan: its `context_fn` gives each layer call a selective-checkpoint context.
 
     The layer index and the module path of each op come from the tracker's hooks, read per op:
     transformers 5.23 checkpoints a layer's `forward` (its hooks have run when the checkpoint
@@ -191,21 +190,27 @@ class SelectivePolicy(PlanDecisions):
         occurrences: dict[tuple[str, str], int] = {}
         # The forward's decisions per op overload, in call order. torch 2.11 asks the policy again while
         # recomputing (2.13+ replays the forward's decisions by overload and call index itself): it gets
-        # the same answers by the same index, whatever runs around the layer then (transformers 5.23+
-        # recomputes outside the layer's hooks; FSDP2's unshard runs in the forward only).
+        # the same answers by the same index. transformers 5.23+ recomputes outside the layer's hooks (no
+        # layer index then); 5.17 checkpoints `__call__`, where a wrapper's hooks (FSDP2's unshard) run
+        # before the layer's own, in the forward and maybe not in the recompute: those ops are recomputed
+        # and take no index, in the forward and in the recompute alike.
         forward_decisions: dict = {}
         recompute_calls: dict = {}
+        wrapper_ops: list[bool] = []  # non-empty once an op ran before the layer's pre-hook
 
         def policy(ctx, func, *args, **kwargs):
+            layer = self.tracker.layer
             if ctx.is_recompute:
+                if wrapper_ops and layer is None:
+                    return CheckpointPolicy.PREFER_RECOMPUTE
                 index = recompute_calls.get(func, 0)
                 recompute_calls[func] = index + 1
                 decided = forward_decisions.get(func, ())
                 keep = decided[index] if index < len(decided) else False
                 return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
-            layer = self.tracker.layer
             if layer is None:
-                return self._outside_layer(func, forward_decisions)
+                wrapper_ops.append(True)
+                return self._outside_layer(func)
             name, expensive = self._ops[func]
             path = self.tracker.path
             group = (path, name)
@@ -225,12 +230,11 @@ class SelectivePolicy(PlanDecisions):
 
         return policy
 
-    def _outside_layer(self, func, forward_decisions: dict):
+    def _outside_layer(self, func):
         """An op of the checkpointed call that runs before the layer's own pre-hook: recomputed, as plain
         checkpointing would (FSDP2's unshard under transformers 5.17, which checkpoints `__call__`)."""
         self.fidelity["outside_layer"] += 1
         if flop_formula(func) is not None:  # a matmul or attention outside any layer: the hooks never ran
             self._warn_once("layer", "bwsk reversible mode: a checkpointed matmul ran with no layer index (the "
                             "decoder-layer hooks did not run): the plan cannot apply, it is recomputed")
-        forward_decisions.setdefault(func, []).append(False)
         return CheckpointPolicy.PREFER_RECOMPUTE

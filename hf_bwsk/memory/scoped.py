@@ -327,7 +327,7 @@ class _Context:
 
 
 class ScopedExecution(PlanDecisions):
-    """The `context_fn` of `torch.utils.checkpoint` that applies ``plan`` inside its scopes only (module docstring).
+    """Scoped execution of a plan: its `context_fn` applies ``plan`` inside its scopes only (module docstring).
 
     Same surface as `SelectivePolicy`: ``plan`` (settable to a plan with the same scopes), the live
     ``fidelity`` dict and the optional ``decisions`` dict of forward decisions by key (ops in scopes).

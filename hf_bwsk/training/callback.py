@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .._compat import accelerator_initialized
 from ..env import versions
 from ..layout import TRAINING_RESULTS, write_json
 from ..memory import FirstStepMemory, StepPeakRecorder
@@ -28,9 +27,9 @@ WATCHED_LOGS = ("loss", "grad_norm", "eval_loss")
 
 def _precision(args) -> str:
     """The autocast precision the run actually used (the flags only ask for one)."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, is_initialized
 
-    mixed = str(AcceleratorState().mixed_precision) if accelerator_initialized() else "no"
+    mixed = str(AcceleratorState().mixed_precision) if is_initialized() else "no"
     # accelerate accepts fp16 on a CPU but does not autocast there (its native_amp stays off): fp32 runs.
     if mixed == "no" or (mixed == "fp16" and torch.device(args.device).type == "cpu"):
         return "fp32"
