@@ -241,6 +241,7 @@ def test_layers_checkpointed_around_call_as_transformers_5_17_does(monkeypatch, 
     assert_tensors_close(loss, expected, rtol=1e-5, atol=1e-6, name="loss")
     assert_grads_close(model, conventional, rtol=1e-5, atol=1e-6)
     assert mode.status()["plan_fidelity"]["plan_misses"] == 0
+    assert mode.plan.keep, "the plan keeps something: the next line checks each kept op"
     assert all(mode.policy.decisions.get(key) is True for key in mode.plan.keep), "every kept op decided as planned"
     mode.teardown()
 
