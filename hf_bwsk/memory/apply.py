@@ -226,8 +226,7 @@ class ReversibleMode:
         def forward(self_model, *args, labels=None, **kwargs):
             if mode._pending and self_model.training:
                 # Traced once when compiled: scoped execution's hooks and plain contexts do not compile.
-                compiling = mode.compiled or torch.compiler.is_compiling()
-                mode._setup_eagerly(_batch_of(args, labels, kwargs), compiling=compiling)
+                mode._setup_eagerly(_batch_of(args, labels, kwargs), compiling=torch.compiler.is_compiling())
             if mode.loss == "fused" and mode._active and self_model.training and labels is not None:
                 return mode._fused_forward(self_model, args, labels, kwargs)
             return previous(*args, labels=labels, **kwargs)

@@ -60,8 +60,8 @@ class LayerPathTracker:
     """Knows, while a forward runs, which decoder layer and which of its submodules is executing.
 
     The checkpoint policy sees only aten ops; these hooks give it the rest of an `OpKey` in the forward
-    (a recompute replays the forward's decisions: `SelectivePolicy.layer_policy`). Hooks are registered on every submodule of every layer; `remove()` takes
-    them all away again.
+    (a recompute replays the forward's decisions: `SelectivePolicy.layer_policy`). Hooks are registered
+    on every submodule of every layer; `remove()` takes them all away again.
     """
 
     def __init__(self, layers: torch.nn.ModuleList):
@@ -196,9 +196,10 @@ class SelectivePolicy(PlanDecisions):
         # and take no index, in the forward and in the recompute alike.
         forward_decisions: dict = {}
         recompute_calls: dict = {}
-        wrapper_ops: list[bool] = []  # non-empty once an op ran before the layer's pre-hook
+        wrapper_ops = False  # whether an op of this call ran before the layer's pre-hook
 
         def policy(ctx, func, *args, **kwargs):
+            nonlocal wrapper_ops
             layer = self.tracker.layer
             if ctx.is_recompute:
                 if wrapper_ops and layer is None:
@@ -209,7 +210,7 @@ class SelectivePolicy(PlanDecisions):
                 keep = decided[index] if index < len(decided) else False
                 return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
             if layer is None:
-                wrapper_ops.append(True)
+                wrapper_ops = True
                 return self._outside_layer(func)
             name, expensive = self._ops[func]
             path = self.tracker.path
